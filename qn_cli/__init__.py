@@ -1,0 +1,1 @@
+"""The `qn` command line. Separate from qn_keras so the library never imports Beam or serving."""

@@ -1,0 +1,1 @@
+"""One module per `qn` subcommand; see qn_cli.main."""

@@ -1,0 +1,279 @@
+"""NeMo-exact log-mel front end, made of core TensorFlow ops only.
+
+One implementation, used unchanged by the Beam pipeline, the trainer and the serving graph.
+Core ops only (frame, rfft, matmul, log, reductions) so it runs inside stock TF Serving and
+TFLite: no tensorflow-io, no tensorflow-addons.
+
+It reproduces NeMo's `AudioToMelSpectrogramPreprocessor` (spec section 2) for both front-end eras:
+
+- ``current`` (NeMo >= 2.5): ``L // 160`` frames, zero STFT centre padding, pre-emphasis
+  zeroed past each utterance's length. An utterance's features do not depend on batch padding.
+- ``legacy`` (NeMo <= 2.4, what the released QuartzNet checkpoints were trained with):
+  ``L // 160 + 1`` frames, reflect centre padding, unmasked pre-emphasis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import tensorflow as tf
+
+ERAS = ("current", "legacy")
+LOG_ZERO_GUARD = 2.0**-24
+NORM_EPSILON = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturizerConfig:
+    """Front-end settings; defaults are NeMo's QuartzNet preprocessor."""
+
+    era: str = "current"
+    sample_rate: int = 16000
+    num_mels: int = 64
+    window_size: float = 0.02
+    window_stride: float = 0.01
+    n_fft: int = 512
+    preemph: float = 0.97
+    lowfreq: float = 0.0
+    highfreq: float | None = None
+    dither: float = 1e-5
+
+    def __post_init__(self):
+        if self.era not in ERAS:
+            raise ValueError(f"Unknown front-end era {self.era!r}; expected one of {ERAS}.")
+        if self.win_length > self.n_fft:
+            raise ValueError(
+                f"window_size*sample_rate ({self.win_length}) must not exceed n_fft ({self.n_fft})."
+            )
+
+    @property
+    def win_length(self) -> int:
+        return int(self.window_size * self.sample_rate)
+
+    @property
+    def hop_length(self) -> int:
+        return int(self.window_stride * self.sample_rate)
+
+    @property
+    def min_samples(self) -> int:
+        """Fewest samples that give two feature frames (per-feature std needs two)."""
+        return 2 * self.hop_length if self.era == "current" else self.hop_length
+
+    def num_frames(self, num_samples):
+        """Feature frames for `num_samples` samples (int or integer tensor)."""
+        frames = num_samples // self.hop_length
+        return frames if self.era == "current" else frames + 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> FeaturizerConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in fields})
+
+
+def _hz_to_mel_slaney(freqs: np.ndarray) -> np.ndarray:
+    # Slaney's Auditory Toolbox scale: linear below 1 kHz, logarithmic above.
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = math.log(6.4) / 27.0
+    freqs = np.asarray(freqs, dtype=np.float64)
+    mels = freqs / f_sp
+    above = freqs >= min_log_hz
+    mels[above] = min_log_mel + np.log(freqs[above] / min_log_hz) / logstep
+    return mels
+
+
+def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
+    f_sp, min_log_hz = 200.0 / 3, 1000.0
+    min_log_mel = min_log_hz / f_sp
+    logstep = math.log(6.4) / 27.0
+    mels = np.asarray(mels, dtype=np.float64)
+    freqs = f_sp * mels
+    above = mels >= min_log_mel
+    freqs[above] = min_log_hz * np.exp(logstep * (mels[above] - min_log_mel))
+    return freqs
+
+
+def slaney_mel_filterbank(
+    sample_rate: int, n_fft: int, num_mels: int, fmin: float = 0.0, fmax: float | None = None
+) -> np.ndarray:
+    """Slaney-normalised mel filterbank, shape (num_mels, n_fft // 2 + 1), float64.
+
+    The filters NeMo builds with ``librosa.filters.mel(..., htk=False, norm='slaney')``.
+    ``tf.signal.linear_to_mel_weight_matrix`` is not a substitute: HTK scale, no area norm.
+    """
+    fmax = sample_rate / 2.0 if fmax is None else fmax
+    fft_freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
+    mel_points = _mel_to_hz_slaney(
+        np.linspace(_hz_to_mel_slaney(np.array([fmin]))[0], _hz_to_mel_slaney(np.array([fmax]))[0], num_mels + 2)
+    )
+    fdiff = np.diff(mel_points)
+    ramps = mel_points[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_points[2 : num_mels + 2] - mel_points[:num_mels]))[:, None]
+    return weights
+
+
+def symmetric_hann(length: int) -> np.ndarray:
+    """``torch.hann_window(length, periodic=False)``: 0.5 - 0.5 cos(2 pi n / (length - 1))."""
+    n = np.arange(length, dtype=np.float64)
+    return 0.5 - 0.5 * np.cos(2.0 * math.pi * n / (length - 1))
+
+
+def sequence_mask(lengths: tf.Tensor, maxlen: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+    return tf.sequence_mask(lengths, maxlen=maxlen, dtype=dtype)
+
+
+@tf.keras.saving.register_keras_serializable(package="qn_keras")
+class LogMelSpectrogram(tf.keras.layers.Layer):
+    """Waveforms and lengths to NeMo's normalised log-mel features and feature lengths.
+
+    Shapes: ``waveform`` float32 ``[batch, samples]`` (right-padded with anything; samples past
+    each length are ignored in the ``current`` era), ``lengths`` int ``[batch]`` in samples.
+    Returns ``features`` float32 ``[batch, frames, num_mels]`` with frames past each utterance's
+    length set to 0, and ``feature_lengths`` int32 ``[batch]``.
+
+    Args:
+        era: ``"current"`` or ``"legacy"`` (see module docstring).
+        sample_rate, num_mels, window_size, window_stride, n_fft, preemph, lowfreq, highfreq,
+        dither: NeMo preprocessor settings; defaults are QuartzNet's.
+        filterbank: optional ``(num_mels, n_fft//2+1)`` array replacing the computed slaney
+            filterbank (a NeMo checkpoint's own ``fb`` buffer, say).
+        window: optional ``(win_length,)`` array replacing the symmetric Hann window.
+
+    Example:
+        >>> layer = LogMelSpectrogram(era="current")
+        >>> feats, lens = layer(tf.zeros([2, 16000]) + 0.1, tf.constant([16000, 8000]))
+        >>> feats.shape, lens.numpy().tolist()
+        (TensorShape([2, 100, 64]), [100, 50])
+
+    Reference: NeMo ``FilterbankFeatures``; QuartzNet, arXiv:1910.10261.
+    """
+
+    def __init__(
+        self,
+        era="current",
+        sample_rate=16000,
+        num_mels=64,
+        window_size=0.02,
+        window_stride=0.01,
+        n_fft=512,
+        preemph=0.97,
+        lowfreq=0.0,
+        highfreq=None,
+        dither=1e-5,
+        filterbank=None,
+        window=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.config = FeaturizerConfig(
+            era=era,
+            sample_rate=sample_rate,
+            num_mels=num_mels,
+            window_size=window_size,
+            window_stride=window_stride,
+            n_fft=n_fft,
+            preemph=preemph,
+            lowfreq=lowfreq,
+            highfreq=highfreq,
+            dither=dither,
+        )
+        cfg = self.config
+        if filterbank is None:
+            filterbank = slaney_mel_filterbank(sample_rate, n_fft, num_mels, lowfreq, highfreq)
+        filterbank = np.asarray(filterbank, dtype=np.float32).reshape(num_mels, n_fft // 2 + 1)
+        if window is None:
+            window = symmetric_hann(cfg.win_length)
+        window = np.asarray(window, dtype=np.float32).reshape(cfg.win_length)
+        self._filterbank_init = filterbank
+        self._window_init = window
+        # torch.stft centre-pads a shorter window with zeros to n_fft.
+        left = (n_fft - cfg.win_length) // 2
+        padded_window = np.zeros(n_fft, dtype=np.float32)
+        padded_window[left : left + cfg.win_length] = window
+        self._fft_window = tf.constant(padded_window)
+        self._mel_matrix = tf.constant(filterbank.T)  # [bins, mels]
+
+    def call(self, waveform, lengths, training=None):
+        cfg = self.config
+        waveform = tf.convert_to_tensor(waveform, tf.float32)
+        lengths = tf.cast(lengths, tf.int32)
+        num_samples = tf.shape(waveform)[1]
+        sample_mask = sequence_mask(lengths, num_samples)
+        if training and cfg.dither > 0:
+            waveform = waveform + cfg.dither * tf.random.normal(tf.shape(waveform))
+        if cfg.preemph:
+            waveform = tf.concat(
+                [waveform[:, :1], waveform[:, 1:] - cfg.preemph * waveform[:, :-1]], axis=1
+            )
+            if cfg.era == "current":
+                waveform = waveform * sample_mask
+        half = cfg.n_fft // 2
+        pad_mode = "CONSTANT" if cfg.era == "current" else "REFLECT"
+        padded = tf.pad(waveform, [[0, 0], [half, half]], mode=pad_mode)
+        frames = tf.signal.frame(padded, cfg.n_fft, cfg.hop_length)  # [B, 1 + S//hop, n_fft]
+        spectrum = tf.signal.rfft(frames * self._fft_window, fft_length=[cfg.n_fft])
+        power = tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
+        mel = tf.linalg.matmul(power, self._mel_matrix)  # [B, T, mels]
+        log_mel = tf.math.log(mel + LOG_ZERO_GUARD)
+
+        feature_lengths = cfg.num_frames(lengths)
+        num_frames = tf.shape(log_mel)[1]
+        feature_lengths = tf.minimum(feature_lengths, num_frames)
+        frame_mask = sequence_mask(feature_lengths, num_frames)[:, :, None]
+        count = tf.cast(feature_lengths, tf.float32)[:, None, None]
+        mean = tf.reduce_sum(log_mel * frame_mask, axis=1, keepdims=True) / tf.maximum(count, 1.0)
+        centered = (log_mel - mean) * frame_mask
+        # Unbiased (ddof=1) std, epsilon added to the std, as NeMo's per_feature normalisation.
+        variance = tf.reduce_sum(tf.square(centered), axis=1, keepdims=True) / tf.maximum(
+            count - 1.0, 1.0
+        )
+        features = centered / (tf.sqrt(variance) + NORM_EPSILON)
+        return features * frame_mask, feature_lengths
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self.config.to_dict())
+        config["filterbank"] = self._filterbank_init.tolist()
+        config["window"] = self._window_init.tolist()
+        return config
+
+
+def featurize(waveform: np.ndarray, config: FeaturizerConfig | None = None) -> np.ndarray:
+    """Features ``[frames, num_mels]`` of one mono waveform; raises ValueError if too short."""
+    config = config or FeaturizerConfig()
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if waveform.ndim != 1:
+        raise ValueError(f"Expected a 1-D mono waveform; received shape {waveform.shape}.")
+    check_audio_length(len(waveform), config)
+    layer = _cached_layer(config)
+    features, lengths = layer(waveform[None, :], tf.constant([len(waveform)]))
+    return features[0, : int(lengths[0])].numpy()
+
+
+def check_audio_length(num_samples: int, config: FeaturizerConfig) -> None:
+    if num_samples == 0:
+        raise ValueError("Audio is empty (0 samples).")
+    if num_samples < config.min_samples:
+        raise ValueError(
+            f"Audio has {num_samples} samples, fewer than the {config.min_samples} "
+            f"({config.min_samples / config.sample_rate * 1000:.0f} ms) needed for two feature "
+            f"frames in the {config.era!r} front end."
+        )
+
+
+_LAYERS: dict = {}
+
+
+def _cached_layer(config: FeaturizerConfig) -> LogMelSpectrogram:
+    if config not in _LAYERS:
+        _LAYERS[config] = LogMelSpectrogram(**config.to_dict())
+    return _LAYERS[config]

@@ -1,0 +1,67 @@
+"""Parameter and multiply-accumulate counts of a QuartzNet model, from its block lists."""
+
+from __future__ import annotations
+
+from qn_keras.quartznet_backbone import scale_kernel_size
+
+FEATURE_FRAMES_PER_SECOND = 100  # 10 ms hop
+
+
+def trainable_parameters(model) -> int:
+    """Trainable parameters (what NeMo and the paper count: BN moving statistics excluded)."""
+    return int(sum(int(w.shape.num_elements()) for w in model.trainable_weights))
+
+
+def macs_per_second(model) -> float:
+    """Multiply-accumulates of convolutions and the head per second of audio.
+
+    Depthwise ``C_in*K``, pointwise ``C_in*C_out/groups``, plain ``C_in*C_out*K/groups``,
+    residual 1x1 ``C_in*C_out`` per output frame, at each block's output frame rate; SE and the
+    head's ``C*V`` included; BatchNorm, activations and the featurizer are not.
+    """
+    cfg = model.get_config()
+    rate = float(FEATURE_FRAMES_PER_SECOND)
+    channels = cfg["num_features"]
+    total = 0.0
+    panes: list[int] = []
+    for i, filters in enumerate(cfg["stackwise_filters"]):
+        kernel = scale_kernel_size(cfg["stackwise_kernel_sizes"][i], cfg["kernel_size_factor"])
+        groups = cfg["stackwise_groups"][i]
+        rate /= cfg["stackwise_strides"][i]
+        c_in = channels
+        for _ in range(cfg["stackwise_repeats"][i]):
+            if cfg["stackwise_separable"][i]:
+                total += rate * (c_in * kernel + c_in * filters / groups)
+            else:
+                total += rate * c_in * filters * kernel / groups
+            c_in = filters
+        if cfg["stackwise_residual_dense"][i]:
+            panes.append(channels)
+            residual_inputs = list(panes)
+        else:
+            residual_inputs = [channels] if cfg["stackwise_residual"][i] else []
+        if cfg["stackwise_residual"][i]:
+            total += rate * sum(c * filters for c in residual_inputs)
+        if cfg["stackwise_se"][i]:
+            total += 2 * filters * (filters // cfg["se_reduction_ratio"])  # once per utterance
+        channels = filters
+    if "vocabulary_size" in cfg:
+        total += rate * channels * cfg["vocabulary_size"]
+    return total
+
+
+def model_summary(model) -> dict:
+    cfg = model.get_config()
+    stride = 1
+    for s in cfg["stackwise_strides"]:
+        stride *= s
+    return {
+        "name": model.name,
+        "params": trainable_parameters(model),
+        "params_total": int(model.count_params()),
+        "macs_per_second": int(round(macs_per_second(model))),
+        "blocks": len(cfg["stackwise_filters"]),
+        "subsampling": stride,
+        "output_frame_ms": 1000 // FEATURE_FRAMES_PER_SECOND * stride,
+        "vocabulary_size": cfg.get("vocabulary_size"),
+    }
