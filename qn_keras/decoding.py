@@ -38,6 +38,14 @@ def tf_greedy_decode(logprobs, lengths, labels) -> tf.Tensor:
     return tf.strings.reduce_join(chars, axis=1)
 
 
+def _accumulator(candidates: dict):
+    def add(prefix, pb, pnb):
+        old_b, old_nb = candidates.get(prefix, (-np.inf, -np.inf))
+        candidates[prefix] = (np.logaddexp(old_b, pb), np.logaddexp(old_nb, pnb))
+
+    return add
+
+
 def beam_decode_ids(logprobs: np.ndarray, length: int, blank_id: int, beam_width: int = 8):
     """CTC prefix beam search without a language model; returns the best label-id sequence."""
     logprobs = np.asarray(logprobs, dtype=np.float64)[: int(length)]
@@ -45,10 +53,7 @@ def beam_decode_ids(logprobs: np.ndarray, length: int, blank_id: int, beam_width
     beams = {(): (0.0, -np.inf)}
     for frame in logprobs:
         candidates: dict = {}
-
-        def add(prefix, pb, pnb):
-            old_b, old_nb = candidates.get(prefix, (-np.inf, -np.inf))
-            candidates[prefix] = (np.logaddexp(old_b, pb), np.logaddexp(old_nb, pnb))
+        add = _accumulator(candidates)
 
         top = np.argsort(frame)[::-1][: max(beam_width, 2)]
         for prefix, (pb, pnb) in beams.items():
@@ -65,8 +70,6 @@ def beam_decode_ids(logprobs: np.ndarray, length: int, blank_id: int, beam_width
                     add(prefix, -np.inf, pnb + p)
                 else:
                     add(new_prefix, -np.inf, total + p)
-        beams = dict(
-            sorted(candidates.items(), key=lambda kv: -np.logaddexp(*kv[1]))[:beam_width]
-        )
+        beams = dict(sorted(candidates.items(), key=lambda kv: -np.logaddexp(*kv[1]))[:beam_width])
     best = max(beams.items(), key=lambda kv: np.logaddexp(*kv[1]))
     return list(best[0])

@@ -109,7 +109,11 @@ def slaney_mel_filterbank(
     fmax = sample_rate / 2.0 if fmax is None else fmax
     fft_freqs = np.linspace(0.0, sample_rate / 2.0, n_fft // 2 + 1)
     mel_points = _mel_to_hz_slaney(
-        np.linspace(_hz_to_mel_slaney(np.array([fmin]))[0], _hz_to_mel_slaney(np.array([fmax]))[0], num_mels + 2)
+        np.linspace(
+            _hz_to_mel_slaney(np.array([fmin]))[0],
+            _hz_to_mel_slaney(np.array([fmax]))[0],
+            num_mels + 2,
+        )
     )
     fdiff = np.diff(mel_points)
     ramps = mel_points[:, None] - fft_freqs[None, :]

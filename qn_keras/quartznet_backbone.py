@@ -77,8 +77,14 @@ def normalize_block_lists(**stackwise) -> dict:
                 f"({groups})."
             )
         if out["stackwise_repeats"][i] < 1:
-            raise ValueError(f"Block {i}: repeats must be >= 1. Received: {out['stackwise_repeats'][i]}")
-        same_padding(out["stackwise_kernel_sizes"][i], out["stackwise_strides"][i], out["stackwise_dilations"][i])
+            raise ValueError(
+                f"Block {i}: repeats must be >= 1. Received: {out['stackwise_repeats'][i]}"
+            )
+        same_padding(
+            out["stackwise_kernel_sizes"][i],
+            out["stackwise_strides"][i],
+            out["stackwise_dilations"][i],
+        )
     return out
 
 
@@ -199,9 +205,9 @@ def _main_branch(x, lengths, i, cfg, kernel, channels_in, activation, se_reducti
             if cfg["dropout"]:
                 x = tf.keras.layers.Dropout(cfg["dropout"], name=f"{prefix}_dropout")(x)
     if cfg["se"]:
-        x = SqueezeExcite(
-            cfg["filters"], se_reduction_ratio, activation, name=f"block_{i}_se"
-        )([x, lengths])
+        x = SqueezeExcite(cfg["filters"], se_reduction_ratio, activation, name=f"block_{i}_se")(
+            [x, lengths]
+        )
     return x, lengths
 
 

@@ -52,7 +52,9 @@ class QuartzNetCTC(tf.keras.Model):
             **stackwise,
         )
         if int(vocabulary_size) < 2:
-            raise ValueError(f"vocabulary_size must be >= 2 (labels + blank). Received: {vocabulary_size}")
+            raise ValueError(
+                f"vocabulary_size must be >= 2 (labels + blank). Received: {vocabulary_size}"
+            )
         features, lengths = encoder_inputs(num_features)
         encoded, encoded_lengths = build_encoder_graph(
             features,

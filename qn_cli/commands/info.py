@@ -34,9 +34,7 @@ def run(args) -> int:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    devices = [
-        {"name": d.name, "type": d.device_type} for d in tf.config.list_physical_devices()
-    ]
+    devices = [{"name": d.name, "type": d.device_type} for d in tf.config.list_physical_devices()]
     info = {
         "python": platform.python_version(),
         "platform": platform.platform(),

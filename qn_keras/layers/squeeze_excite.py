@@ -27,7 +27,9 @@ class SqueezeExcite(tf.keras.layers.Layer):
         self.squeeze = tf.keras.layers.Dense(
             channels // reduction_ratio, use_bias=False, dtype="float32", name="squeeze"
         )
-        self.excite = tf.keras.layers.Dense(channels, use_bias=False, dtype="float32", name="excite")
+        self.excite = tf.keras.layers.Dense(
+            channels, use_bias=False, dtype="float32", name="excite"
+        )
         self._activation_fn = tf.keras.activations.get(activation)
 
     def build(self, input_shape):

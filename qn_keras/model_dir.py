@@ -1,0 +1,110 @@
+"""The model folder every command reads and writes: trained, fine-tuned or imported models.
+
+Layout::
+
+    DIR/
+      model.keras      Keras QuartzNetCTC, no optimizer state
+      qn_model.json    {"format": "qn-keras-model", "version": 1, "labels": [...],
+                        "featurizer": {...FeaturizerConfig...}, "metadata": {...}}
+      saved_model/     optional: serving SavedModel (waveform in, text out)
+
+Writes go to a temporary sibling folder that is renamed into place at the end, so an
+interrupted write never leaves a half-written model under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+
+from qn_keras.featurizer import FeaturizerConfig
+from qn_keras.tokenizer import CharTokenizer
+
+FORMAT = "qn-keras-model"
+VERSION = 1
+KERAS_FILE = "model.keras"
+META_FILE = "qn_model.json"
+SAVED_MODEL_DIR = "saved_model"
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    """A Keras model with the tokenizer and featurizer settings it was trained with."""
+
+    model: tf.keras.Model
+    tokenizer: CharTokenizer
+    featurizer: FeaturizerConfig
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def is_model_dir(path) -> bool:
+    return (Path(path) / META_FILE).is_file() and (Path(path) / KERAS_FILE).is_file()
+
+
+def save_model_dir(path, bundle: ModelBundle, *, serving: bool = True, overwrite: bool = True):
+    """Writes ``bundle`` to ``path`` atomically; with ``serving`` also the serving SavedModel."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another --out or remove it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        # A clone without compile state: NovoGrad's scalar slots do not reload (known trap).
+        model = bundle.model
+        if model.optimizer is not None:
+            model = tf.keras.models.clone_model(model)
+            model.set_weights(bundle.model.get_weights())
+        model.save(tmp / KERAS_FILE)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "labels": list(bundle.tokenizer.labels),
+            "featurizer": bundle.featurizer.to_dict(),
+            "metadata": bundle.metadata,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        if serving:
+            from qn_keras.inference import save_serving_model
+
+            save_serving_model(tmp / SAVED_MODEL_DIR, bundle)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "x")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_model_dir(path, compile: bool = False) -> ModelBundle:
+    """Loads a model folder; ValueError naming what is missing if it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model folder not found: {path}")
+    if not is_model_dir(path):
+        raise ValueError(
+            f"{path} is not a qn-keras model folder (needs {KERAS_FILE} and {META_FILE}); "
+            "make one with `qn train` or `qn import-nemo`."
+        )
+    meta = json.loads((path / META_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path / META_FILE} is not a {FORMAT} file.")
+    import qn_keras  # noqa: F401  (registers the custom layers before deserializing)
+
+    model = tf.keras.models.load_model(path / KERAS_FILE, compile=compile)
+    return ModelBundle(
+        model=model,
+        tokenizer=CharTokenizer(meta["labels"]),
+        featurizer=FeaturizerConfig.from_dict(meta["featurizer"]),
+        metadata=meta.get("metadata", {}),
+    )
