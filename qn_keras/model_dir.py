@@ -7,6 +7,9 @@ Layout::
       qn_model.json    {"format": "qn-keras-model", "version": 1, "labels": [...],
                         "featurizer": {...FeaturizerConfig...}, "metadata": {...}}
       saved_model/     optional: serving SavedModel (waveform in, text out)
+      featurizer_filterbank.npy, featurizer_window.npy
+                       optional: the mel filterbank and window to use instead of computed
+                       ones (imported NeMo models carry their checkpoint's own buffers)
 
 Writes go to a temporary sibling folder that is renamed into place at the end, so an
 interrupted write never leaves a half-written model under the final name.
@@ -21,9 +24,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
-from qn_keras.featurizer import FeaturizerConfig
+from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 from qn_keras.tokenizer import CharTokenizer
 
 FORMAT = "qn-keras-model"
@@ -31,6 +35,8 @@ VERSION = 1
 KERAS_FILE = "model.keras"
 META_FILE = "qn_model.json"
 SAVED_MODEL_DIR = "saved_model"
+# ModelBundle field -> file holding it (absent from older folders: computed defaults apply)
+FEATURIZER_ARRAYS = {"filterbank": "featurizer_filterbank.npy", "window": "featurizer_window.npy"}
 
 
 @dataclasses.dataclass
@@ -41,6 +47,17 @@ class ModelBundle:
     tokenizer: CharTokenizer
     featurizer: FeaturizerConfig
     metadata: dict = dataclasses.field(default_factory=dict)
+    # Optional front-end arrays replacing the computed slaney filterbank ``(num_mels, bins)``
+    # and symmetric Hann window ``(win_length,)``: a NeMo checkpoint's own ``fb``/``window``.
+    filterbank: np.ndarray | None = None
+    window: np.ndarray | None = None
+
+    def featurizer_layer(self, **kwargs) -> LogMelSpectrogram:
+        """The model's front end; every consumer should build it here, not from ``featurizer``
+        alone, so that imported filterbanks and windows are used."""
+        return LogMelSpectrogram(
+            **self.featurizer.to_dict(), filterbank=self.filterbank, window=self.window, **kwargs
+        )
 
 
 def is_model_dir(path) -> bool:
@@ -68,6 +85,14 @@ def save_model_dir(path, bundle: ModelBundle, *, serving: bool = True, overwrite
             "featurizer": bundle.featurizer.to_dict(),
             "metadata": bundle.metadata,
         }
+        arrays = {}
+        for field, filename in FEATURIZER_ARRAYS.items():
+            value = getattr(bundle, field)
+            if value is not None:
+                np.save(tmp / filename, np.asarray(value, dtype=np.float32))
+                arrays[field] = filename
+        if arrays:
+            meta["featurizer_arrays"] = arrays
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         if serving:
             from qn_keras.inference import save_serving_model
@@ -102,9 +127,15 @@ def load_model_dir(path, compile: bool = False) -> ModelBundle:
     import qn_keras  # noqa: F401  (registers the custom layers before deserializing)
 
     model = tf.keras.models.load_model(path / KERAS_FILE, compile=compile)
+    arrays = {}
+    for field, filename in meta.get("featurizer_arrays", {}).items():
+        if FEATURIZER_ARRAYS.get(field) != filename or not (path / filename).is_file():
+            raise ValueError(f"{path / META_FILE} names a missing featurizer array {filename!r}.")
+        arrays[field] = np.load(path / filename)
     return ModelBundle(
         model=model,
         tokenizer=CharTokenizer(meta["labels"]),
         featurizer=FeaturizerConfig.from_dict(meta["featurizer"]),
         metadata=meta.get("metadata", {}),
+        **arrays,
     )
