@@ -53,7 +53,8 @@ class SpeechRecognizer(tf.Module):
 
     def __init__(self, bundle, name=None):
         super().__init__(name=name)
-        featurizer = LogMelSpectrogram(**bundle.featurizer.to_dict())
+        # The bundle's own front end: imported NeMo models carry their filterbank and window.
+        featurizer = bundle.featurizer_layer()
         # A plain namespace is not tracked by tf.Module, so saving skips Keras serialization.
         self._runtime = types.SimpleNamespace(model=bundle.model, featurizer=featurizer)
         self.model_variables = list(bundle.model.variables)
