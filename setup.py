@@ -20,7 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["qn_keras*", "qn_cli*", "pipeline*", "serving*"]),
-    package_data={"qn_cli": ["sample_data/**/*", "configs/*.yaml"]},
+    package_data={"qn_cli": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=_requirements(),
     extras_require={"nemo": ["torch==2.13.0"]},
