@@ -36,10 +36,12 @@ from collections.abc import Sequence
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipeline.options import COMPRESSIONS, add_arguments
 from pipeline.stats import CountByReasonFn, DatasetStatsFn
-from pipeline.transforms import FAILED, FeaturizeUtterances, ReadManifests, to_tf_example
+from pipeline.transforms import FAILED, NAMESPACE, FeaturizeUtterances, ReadManifests, to_tf_example
 from qn_keras.data.reader import DATASET_INFO
 from qn_keras.data.schema import SCHEMA_VERSION
 from qn_keras.data.text import OOV_POLICIES
@@ -50,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 SHARD_PREFIX = "features"
 FAILURES_FILE = "failures.jsonl"
-COMPRESSIONS = ("none", "gzip")
 
 
 @dataclasses.dataclass
@@ -247,20 +248,13 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
 
 def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A pipeline for ``options``. Without ``--runner`` it runs on the FnApiRunner, the batch
-    engine behind Beam's DirectRunner, honouring ``--direct_num_workers`` and
-    ``--direct_running_mode``; naming DirectRunner explicitly would first try the Prism runner,
-    which downloads a binary at start-up."""
-    if options.view_as(StandardOptions).runner is not None:
-        return beam.Pipeline(options=options)
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    provision = fn_runner.ExtendedProvisionInfo(
-        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
-    )
-    return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision), options=options)
+    engine behind Beam's DirectRunner, which honours ``--direct_num_workers`` and
+    ``--direct_running_mode``. (Naming DirectRunner itself first tries the Prism runner, which
+    downloads a binary at start-up and falls back to the FnApiRunner when it cannot.)"""
+    standard = options.view_as(StandardOptions)
+    if standard.runner is None:
+        standard.runner = "FnApiRunner"
+    return beam.Pipeline(options=options)
 
 
 def _is_remote(path: str) -> bool:
@@ -274,7 +268,8 @@ def _non_empty(path: str) -> bool:
 
 
 def run_job(config: FeatureJobConfig, beam_args: Sequence[str] = ()) -> dict:
-    """Runs the job to completion and returns the ``dataset_info.json`` it wrote.
+    """Runs the job to completion and returns the ``dataset_info.json`` it wrote, plus the
+    job's Beam counters under ``"counters"`` (empty where the runner does not report them).
 
     Raises ValueError if the output folder is not empty and ``config.overwrite`` is False.
     """
@@ -296,17 +291,15 @@ def run_job(config: FeatureJobConfig, beam_args: Sequence[str] = ()) -> dict:
         if config.overwrite and _non_empty(out):
             old = FileSystems.match([FileSystems.join(out, "*")])[0].metadata_list
             FileSystems.delete([m.path for m in old])
-        with make_pipeline(options) as p:
-            build_pipeline(p, config, out, beam_args)
-        return _read_info(out)
+        counters = _run(make_pipeline(options), config, out, beam_args)
+        return {**_read_info(out), "counters": counters}
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
     os.makedirs(staging)
     try:
-        with make_pipeline(options) as p:
-            build_pipeline(p, config, staging, beam_args)
+        counters = _run(make_pipeline(options), config, staging, beam_args)
         _read_info(staging)
         if os.path.exists(out):
             retired = f"{staging}.old"
@@ -318,7 +311,23 @@ def run_job(config: FeatureJobConfig, beam_args: Sequence[str] = ()) -> dict:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return _read_info(out)
+    return {**_read_info(out), "counters": counters}
+
+
+def _run(p: beam.Pipeline, config: FeatureJobConfig, output_dir: str, beam_args) -> dict:
+    """Runs the job; returns its Beam counters where the runner reports them."""
+    build_pipeline(p, config, output_dir, beam_args)
+    result = p.run()
+    result.wait_until_finish()
+    try:
+        query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    except (NotImplementedError, AttributeError):
+        return {}
+    counters: dict = {}
+    for counter in query["counters"]:  # one per step; a name can be counted by several steps
+        name = counter.key.metric.name
+        counters[name] = counters.get(name, 0) + (counter.committed or 0)
+    return dict(sorted(counters.items()))
 
 
 def _read_info(path: str) -> dict:
@@ -335,49 +344,6 @@ def parse_rates(text: str | None) -> tuple[float, ...]:
         raise ValueError(
             f"--speed-perturb takes comma-separated rates like 0.9,1.1: {text!r}"
         ) from e
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The job's own flags (shared by ``qn features`` and ``python -m pipeline.features_job``)."""
-    parser.add_argument(
-        "--manifest",
-        dest="manifests",
-        action="append",
-        required=True,
-        metavar="PATH",
-        help="NeMo JSON-lines manifest, CSV/TSV file or LibriSpeech-style folder (repeatable)",
-    )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument(
-        "--shards", type=int, default=4, help="number of TFRecord shards (0: runner decides)"
-    )
-    parser.add_argument(
-        "--speed-perturb",
-        default="",
-        metavar="RATES",
-        help="extra copies at these speeds, e.g. 0.9,1.1 (NeMo's recipe)",
-    )
-    parser.add_argument("--era", choices=ERAS, default="current", help="featurizer front end")
-    parser.add_argument(
-        "--max-duration", type=float, default=None, metavar="S", help="reject longer audio"
-    )
-    parser.add_argument(
-        "--oov",
-        choices=OOV_POLICIES,
-        default="drop",
-        help="transcript characters outside the vocabulary: drop them or reject the utterance",
-    )
-    parser.add_argument("--compression", choices=COMPRESSIONS, default="none")
-    parser.add_argument(
-        "--labels", default=None, metavar="FILE", help="label set file (default: NeMo English)"
-    )
-    parser.add_argument(
-        "--intra-op-threads",
-        type=int,
-        default=0,
-        help="TensorFlow threads per worker (0: TensorFlow's default)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
 def config_from_args(args: argparse.Namespace) -> FeatureJobConfig:

@@ -76,6 +76,15 @@ def _shard_files(path_or_dir) -> tuple[list[str], str | None, dict | None]:
     return files, (compression.upper() if compression else None), info
 
 
+def _num_mels(first_file: str, compression: str | None, info: dict | None) -> int | None:
+    """Feature width, from the dataset info or else the first record."""
+    if info and "featurizer" in info:
+        return int(info["featurizer"]["num_mels"])
+    for record in tf.data.TFRecordDataset(first_file, compression_type=compression or "").take(1):
+        return schema.parse_example_numpy(record.numpy())[schema.FEATURES].shape[1]
+    return None
+
+
 def _as_training_tuple(record: dict, with_metadata: bool):
     inputs = (record[schema.FEATURES], record[schema.FEATURE_LENGTH])
     targets = (record[schema.LABELS], record["label_length"])
@@ -184,6 +193,7 @@ def tfrecord_dataset(
         >>> (feats, feat_lens), (labels, label_lens) = next(iter(ds))  # doctest: +SKIP
     """
     files, compression, info = _shard_files(path_or_dir)
+    num_mels = _num_mels(files[0], compression, info)
     if deterministic and seed is None:
         seed = 0
     if isinstance(bucket_boundaries, str):
@@ -208,7 +218,7 @@ def tfrecord_dataset(
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset.map(
-        lambda s: _as_training_tuple(schema.parse_example(s), with_metadata),
+        lambda s: _as_training_tuple(schema.parse_example(s, num_mels), with_metadata),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )

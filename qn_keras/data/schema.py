@@ -112,16 +112,19 @@ def serialize_utterance(
     return example.SerializeToString()
 
 
-def parse_example(serialized: tf.Tensor) -> dict:
+def parse_example(serialized: tf.Tensor, num_mels: int | None = None) -> dict:
     """Parses one serialized record (a scalar string tensor) into a dict of tensors.
 
-    Returns ``features`` float32 ``[frames, num_mels]``, ``feature_length`` int32,
+    ``num_mels``, when given, makes the features' last dimension static (Keras layers need it);
+    otherwise it is read from the record. Returns ``features`` float32 ``[frames, num_mels]``, ``feature_length`` int32,
     ``labels`` int32 ``[tokens]``, ``label_length`` int32, ``transcript``, ``utt_id`` and
     ``source`` strings and ``duration`` float32. Works eagerly and inside ``Dataset.map``.
     """
     parsed = tf.io.parse_single_example(serialized, feature_spec())
-    num_mels = tf.cast(parsed[NUM_MELS], tf.int32)
-    features = tf.reshape(parsed[FEATURES], [-1, num_mels])
+    if num_mels is None:
+        features = tf.reshape(parsed[FEATURES], [-1, tf.cast(parsed[NUM_MELS], tf.int32)])
+    else:
+        features = tf.reshape(parsed[FEATURES], [-1, int(num_mels)])
     labels = tf.cast(parsed[LABELS], tf.int32)
     return {
         FEATURES: features,

@@ -1,0 +1,62 @@
+"""`qn features`: the Beam feature job, manifests to sharded TFRecords of log-mel features.
+
+Flags this command does not know go to Beam's PipelineOptions. Without --runner it runs
+locally; two worker processes on a 2-core machine:
+
+    qn features --manifest train.json --out feats/train \\
+        --direct_num_workers 2 --direct_running_mode multi_processing
+
+On Dataflow (ship the package to the workers with setup.py):
+
+    qn features --manifest gs://bucket/train.json --out gs://bucket/feats/train \\
+        --runner DataflowRunner --project PROJECT --region REGION \\
+        --temp_location gs://bucket/tmp --setup_file ./setup.py
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "features",
+        help="featurize manifests into sharded TFRecords (Apache Beam)",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from pipeline.options import add_arguments
+
+    add_arguments(parser)
+    parser.set_defaults(func=run, accepts_extra_args=True)
+
+
+def format_summary(info: dict, seconds: float, out: str) -> str:
+    lines = [
+        f"wrote {info['num_utterances']} utterances "
+        f"({info['num_source_utterances']} from the manifests), "
+        f"{info['hours']:.3f} h of audio, to {len(info['shards'])} shard(s) in {out}",
+        f"failed: {info['num_failed']}"
+        + (
+            " (" + ", ".join(f"{k}: {v}" for k, v in info["failed_by_reason"].items()) + ")"
+            if info["num_failed"]
+            else ""
+        ),
+    ]
+    if info["num_failed"]:
+        lines.append(f"  each failure is listed in {out}/{info['failures_file']}")
+    lines.append(f"time: {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    import time
+
+    from pipeline.features_job import config_from_args, run_job
+
+    config = config_from_args(args)
+    start = time.monotonic()
+    print(f"qn features: featurizing {', '.join(config.manifests)} -> {config.output_dir}")
+    info = run_job(config, args.extra_args)
+    print(format_summary(info, time.monotonic() - start, config.output_dir))
+    return 0

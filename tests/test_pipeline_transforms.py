@@ -1,0 +1,223 @@
+"""Each stage of the feature job on small in-memory inputs (TestPipeline + assert_that)."""
+
+import json
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to, is_not_empty
+from pipeline_utils import tone, write_manifest, write_wav
+
+from pipeline.features_job import FeatureJobConfig, parse_rates
+from pipeline.stats import CountByReasonFn, DatasetStatsFn
+from pipeline.transforms import (
+    FAILED,
+    DecodeAudioFn,
+    Decoded,
+    FeaturizeFn,
+    FeaturizeUtterances,
+    ReadManifests,
+    SpeedPerturbFn,
+    TokenizeFn,
+    Transcribed,
+    to_tf_example,
+)
+from qn_keras.data import Utterance, schema
+from qn_keras.featurizer import FeaturizerConfig, featurize
+from qn_keras.tokenizer import ENGLISH_LABELS, CharTokenizer
+
+RUNNER = "FnApiRunner"  # DirectRunner would first try to download the Prism runner.
+
+
+def _pipeline():
+    return TestPipeline(runner=RUNNER)
+
+
+def _utt(utt_id, path="/nowhere.wav", text="hello"):
+    return Utterance(utt_id, path, text, source=f"m.json:{utt_id}")
+
+
+def test_read_manifests_splits_good_and_bad_lines(tmp_path):
+    m1 = write_manifest(
+        tmp_path / "a.json",
+        [{"audio_filepath": "x.wav", "text": "one"}, {"audio_filepath": "/y.wav", "text": "two"}],
+        ('{"broken": ',),
+    )
+    m2 = write_manifest(tmp_path / "b.json", [{"audio_filepath": "z.wav", "text": "three"}])
+    with _pipeline() as p:
+        read = p | ReadManifests([m1, m2])
+        ids = read["utterances"] | "Ids" >> beam.Map(lambda u: (u.utt_id, u.audio_filepath))
+        assert_that(
+            ids,
+            equal_to(
+                [("x", str(tmp_path / "x.wav")), ("y", "/y.wav"), ("z", str(tmp_path / "z.wav"))]
+            ),
+        )
+        bad = read[FAILED] | "Bad" >> beam.Map(lambda f: (f["source"], f["reason"]))
+        assert_that(bad, equal_to([(f"{m1}:3", "bad_manifest_line")]), label="CheckBad")
+
+
+def test_tokenize_decode_and_speed_perturb(tmp_path):
+    tok = CharTokenizer()
+    utts = [_utt("a", text="Hello, World"), _utt("b", text="Room 7")]
+    good = write_wav(tmp_path / "g8k.wav", tone(1.0, rate=8000), rate=8000)
+    long = write_wav(tmp_path / "long.wav", tone(3.0))
+    transcribed = [
+        Transcribed(_utt("g8k", good), "a", (1,)),
+        Transcribed(_utt("long", long), "a", (1,)),
+        Transcribed(_utt("gone", str(tmp_path / "gone.wav")), "a", (1,)),
+    ]
+    item = Decoded("u", _utt("u"), "a", (1,), tone(1.0))
+    tiny = Decoded("t", _utt("t"), "a", (1,), tone(1.0)[:330])
+
+    def ids_and_reasons(out, label):
+        return out[FAILED] | f"Reasons{label}" >> beam.Map(lambda f: (f["utt_id"], f["reason"]))
+
+    with _pipeline() as p:
+        for oov in ("drop", "reject"):
+            out = (
+                p
+                | f"Utts{oov}" >> beam.Create(utts)
+                | f"Tokenize{oov}"
+                >> beam.ParDo(TokenizeFn(ENGLISH_LABELS, oov)).with_outputs(FAILED, main="ok")
+            )
+            texts = out.ok | f"Texts{oov}" >> beam.Map(lambda t: (t.utt.utt_id, t.text, t.labels))
+            expected = [("a", "hello world", tuple(tok.encode("hello world")))]
+            if oov == "drop":
+                expected.append(("b", "room", tuple(tok.encode("room"))))
+            assert_that(texts, equal_to(expected), label=f"CheckTexts{oov}")
+            assert_that(
+                ids_and_reasons(out, oov),
+                equal_to([("b", "oov_transcript")] if oov == "reject" else []),
+                label=f"CheckOov{oov}",
+            )
+
+        decoded = (
+            p
+            | "Transcribed" >> beam.Create(transcribed)
+            | "Decode" >> beam.ParDo(DecodeAudioFn(16000, 320, 2.0)).with_outputs(FAILED, main="ok")
+        )
+        assert_that(
+            decoded.ok | "Len" >> beam.Map(lambda d: (d.utt_id, d.num_samples)),
+            equal_to([("g8k", 16000)]),  # 8 kHz resampled to 16 kHz
+            label="CheckDecoded",
+        )
+        assert_that(
+            ids_and_reasons(decoded, "Decode"),
+            equal_to([("long", "too_long"), ("gone", "missing_file")]),
+            label="CheckDecodeFailures",
+        )
+
+        perturbed = (
+            p
+            | "Waveforms" >> beam.Create([item, tiny])
+            | "Perturb"
+            >> beam.ParDo(SpeedPerturbFn([0.9, 1.0, 1.1], 16000, 320)).with_outputs(
+                FAILED, main="ok"
+            )
+        )
+        lengths = perturbed.ok | "Lens" >> beam.Map(lambda d: (d.utt_id, d.num_samples, d.speed))
+        # Speed r resamples from r*16 kHz to 16 kHz: ceil(n / r) samples.
+        expected = [("u", 16000, 1.0), ("u_sp0.9", 17778, 0.9), ("u_sp1.1", 14546, 1.1)]
+        expected += [("t", 330, 1.0), ("t_sp0.9", 367, 0.9)]
+        assert_that(lengths, equal_to(expected), label="CheckPerturbed")
+        assert_that(
+            ids_and_reasons(perturbed, "Perturb"),
+            equal_to([("t_sp1.1", "too_short")]),
+            label="CheckPerturbFailures",
+        )
+
+
+def test_featurize_serialize_and_composite(tmp_path):
+    config = FeaturizerConfig(era="current")
+    waves = {f"u{i}": tone(0.4 + 0.2 * i, seed=i) for i in range(3)}
+    items = [Decoded(k, _utt(k), "hi", (8, 9), w) for k, w in waves.items()]
+    good = write_wav(tmp_path / "g.wav", tone(1.0))
+    utts = [_utt("g", good, "Good one"), _utt("bad", str(tmp_path / "x.wav"))]
+    legacy = FeaturizerConfig(era="legacy")
+
+    def check(blob):
+        record = schema.parse_example_numpy(blob)
+        ref = featurize(waves[record["utt_id"]], config)
+        np.testing.assert_allclose(record["features"], ref, atol=1e-5)
+        assert record["labels"] == [8, 9] and record["transcript"] == "hi"
+        return record["utt_id"], record["feature_length"], round(record["duration"], 3)
+
+    with _pipeline() as p:
+        out = (
+            p
+            | "Decoded" >> beam.Create(items)
+            | "Featurize"
+            >> beam.ParDo(FeaturizeFn(config.to_dict())).with_outputs(FAILED, main="ok")
+        )
+        checked = out.ok | "Serialize" >> beam.Map(to_tf_example) | "Check" >> beam.Map(check)
+        assert_that(
+            checked, equal_to([("u0", 40, 0.4), ("u1", 60, 0.6), ("u2", 80, 0.8)]), label="Feats"
+        )
+        assert_that(out[FAILED], equal_to([]), label="NoFailures")
+
+        composite = (
+            p
+            | "Utterances" >> beam.Create(utts)
+            | FeaturizeUtterances(legacy.to_dict(), ENGLISH_LABELS, speed_perturb=(1.1,))
+        )
+        frames = composite["featurized"] | "Frames" >> beam.Map(
+            lambda f: (f.utt_id, f.num_frames, f.text)
+        )
+        # legacy era: L // 160 + 1 frames
+        assert_that(
+            frames, equal_to([("g", 101, "good one"), ("g_sp1.1", 91, "good one")]), label="Comp"
+        )
+        assert_that(
+            composite[FAILED] | "R" >> beam.Map(lambda f: f["reason"]),
+            equal_to(["missing_file"]),
+            label="CompFailures",
+        )
+
+
+def test_stats_combiners():
+    with _pipeline() as p:
+        stats = (
+            p
+            | "Items" >> beam.Create([(120, 1.2, 1.0), (40, 0.4, 1.0), (133, 1.33, 1.1)])
+            | beam.CombineGlobally(DatasetStatsFn())
+        )
+
+        def check(s):
+            assert s["num_utterances"] == 3 and s["num_source_utterances"] == 2
+            assert s["hours"] == pytest.approx(2.93 / 3600)
+            assert s["source_hours"] == pytest.approx(1.6 / 3600)
+            assert (s["min_frames"], s["max_frames"], s["total_frames"]) == (40, 133, 293)
+            assert s["length_histogram"]["counts"] == [1, 0, 2]
+            return True
+
+        assert_that(stats | beam.Map(check), equal_to([True]))
+        empty = (
+            p | "None" >> beam.Create([]) | "EmptyStats" >> beam.CombineGlobally(DatasetStatsFn())
+        )
+        assert_that(
+            empty | "N" >> beam.Map(lambda s: s["num_utterances"]),
+            equal_to([0]),
+            label="CheckEmpty",
+        )
+        counts = (
+            p
+            | "Failures" >> beam.Create([{"reason": "b"}, {"reason": "a"}, {"reason": "b"}])
+            | "Count" >> beam.CombineGlobally(CountByReasonFn())
+            | "Json" >> beam.Map(json.dumps)
+        )
+        assert_that(counts, equal_to(['{"a": 1, "b": 2}']), label="CheckCounts")
+        assert_that(counts, is_not_empty(), label="NotEmpty")
+
+
+def test_job_config_validation():
+    assert parse_rates("0.9, 1.1") == (0.9, 1.1)
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_rates("fast")
+    with pytest.raises(ValueError, match="era must be one of"):
+        FeatureJobConfig(["m.json"], "out", era="future")
+    with pytest.raises(ValueError, match="speed perturbation"):
+        FeatureJobConfig(["m.json"], "out", speed_perturb=(3.0,))
+    with pytest.raises(ValueError, match="At least one manifest"):
+        FeatureJobConfig([], "out")
