@@ -1,0 +1,88 @@
+"""`qn evaluate`: WER and CER of a model folder on a manifest, with per-utterance results.
+
+    qn evaluate --model runs/x/model --manifest dev.json --output results.jsonl
+
+Greedy decoding. Transcripts are normalized with the model's tokenizer before scoring. The
+per-utterance JSON lines (reference, hypothesis, word and character errors) are written worst
+first.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="WER/CER of a model on a manifest",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="model folder")
+    parser.add_argument(
+        "--manifest",
+        required=True,
+        metavar="PATH",
+        help="manifest (.json/.csv/.tsv, LibriSpeech folder) or a `qn features` folder",
+    )
+    parser.add_argument("--output", metavar="FILE", help="per-utterance results (JSON lines)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    import os
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from qn_cli.main import UserError
+    from qn_keras.data import reader
+    from qn_keras.model_dir import load_model_dir
+    from qn_keras.training.evaluation import evaluate
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    bundle = load_model_dir(args.model)
+    source = Path(args.manifest)
+    if not source.exists():
+        raise UserError(f"--manifest not found: {source}")
+    if source.is_dir() and (source / reader.DATASET_INFO).exists():
+        from qn_keras.training.data import from_tfrecords
+
+        data = from_tfrecords(source)
+        data.check_compatible(bundle.tokenizer, bundle.featurizer)
+        dataset = data.dataset(args.batch_size, training=False, with_metadata=True)
+        total = data.num_utterances
+    else:
+        dataset = reader.manifest_dataset(
+            str(source),
+            bundle.tokenizer,
+            bundle.featurizer,
+            args.batch_size,
+            shuffle=False,
+            bucket_boundaries=None,
+            deterministic=True,
+            cache=False,
+            with_metadata=True,
+        )
+        total = None
+    with tqdm(total=total, unit="utt", desc="evaluating", disable=args.no_progress) as bar:
+        result = evaluate(bundle.model, dataset, bundle.tokenizer, progress=bar)
+    rows = sorted(result.utterances, key=lambda r: (-r["word_errors"], -r["cer"], r["utt_id"]))
+    print(f"utterances: {result.num_utterances}")
+    print(f"WER: {result.wer:.2%}")
+    print(f"CER: {result.cer:.2%}")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+        print(f"per-utterance results (worst first): {out}")
+    return 0

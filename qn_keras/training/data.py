@@ -1,0 +1,328 @@
+"""Training and validation corpora for the trainer: TFRecord shards, or a manifest featurized once.
+
+A :class:`DataSource` is TFRecord shards in THE schema (:mod:`qn_keras.data.schema`) plus what
+the trainer needs to know about them (utterances, hours, front end, vocabulary). A ``qn
+features`` folder is used as it is. A manifest is featurized once, with the run's front end and
+tokenizer, into a single TFRecord file in a cache folder (reused when the same run is started
+again, so a resumed run does not featurize again), then read the same way.
+
+Each epoch gets a freshly built dataset whose shuffle seed is ``seed + epoch``, read in a
+deterministic order, so a run resumed mid-epoch can skip exactly the batches it had done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+from qn_keras.data import reader, schema
+
+MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
+
+
+@dataclasses.dataclass
+class DataSource:
+    """TFRecord shards and what is known about them.
+
+    Attributes:
+        path: a ``qn features`` folder, a TFRecord file, or a list of files.
+        num_utterances: utterances in the shards.
+        hours: hours of audio in the shards.
+        description: where the data came from, for messages and the report.
+        featurizer: the front-end settings the features were computed with, if recorded.
+        labels: the vocabulary the token ids refer to, if recorded.
+        length_histogram: ``{"bin_width", "counts"}`` of feature lengths, if known.
+    """
+
+    path: object
+    num_utterances: int
+    hours: float
+    description: str = ""
+    featurizer: dict | None = None
+    labels: list | None = None
+    length_histogram: dict | None = None
+
+    def bucket_boundaries(self, setting):
+        """Resolves ``data.bucket_boundaries``: a list, None, or "auto" (from the histogram)."""
+        if setting != "auto":
+            return list(setting) if setting else None
+        if self.length_histogram:
+            return reader.boundaries_from_histogram(self.length_histogram) or None
+        return None
+
+    def dataset(
+        self,
+        batch_size: int,
+        *,
+        training: bool,
+        seed: int = 0,
+        epoch: int = 0,
+        bucket_boundaries=None,
+        drop_remainder: bool = False,
+        with_metadata: bool = False,
+    ) -> tf.data.Dataset:
+        """One pass over the data: shuffled with ``seed + epoch`` when ``training``, in file
+        order otherwise; always in a deterministic order."""
+        return reader.tfrecord_dataset(
+            self.path,
+            batch_size,
+            shuffle=training,
+            seed=seed + epoch,
+            bucket_boundaries=bucket_boundaries,
+            deterministic=True,
+            repeat=False,
+            drop_remainder=drop_remainder,
+            with_metadata=with_metadata,
+        )
+
+    def check_compatible(self, tokenizer, featurizer) -> None:
+        """ValueError if the shards were made with another vocabulary or front end."""
+        if self.labels is not None and list(self.labels) != list(tokenizer.labels):
+            raise ValueError(
+                f"{self.description}: its token ids use the vocabulary {self.labels!r}, but the "
+                f"model uses {list(tokenizer.labels)!r}. Featurize again with the model's labels "
+                "or set `labels:` in the config."
+            )
+        if self.featurizer is not None:
+            mine = featurizer.to_dict()
+            theirs = {k: v for k, v in self.featurizer.items() if k in mine}
+            # Dither only acts while training the featurizer itself; features are stored without.
+            diff = {
+                k: (theirs[k], mine[k]) for k in theirs if k != "dither" and theirs[k] != mine[k]
+            }
+            if diff:
+                detail = ", ".join(f"{k}: data {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(
+                    f"{self.description}: features were computed with other front-end settings "
+                    f"({detail}). Featurize again (`qn features --era ...`) or change "
+                    "`featurizer:` in the config."
+                )
+
+
+def _info_count(info: dict):
+    for key in ("num_utterances", "utterances_written", "written"):
+        value = info.get(key)
+        if isinstance(value, int):
+            return value
+    counts = info.get("counts")
+    if isinstance(counts, dict):
+        for key in ("written", "utterances_written", "utterances"):
+            if isinstance(counts.get(key), int):
+                return counts[key]
+    return None
+
+
+def _info_hours(info: dict):
+    for key in ("total_hours", "hours"):
+        value = info.get(key)
+        if isinstance(value, int | float):
+            return float(value)
+    return None
+
+
+def _info_labels(info: dict):
+    vocab = info.get("vocabulary") or info.get("labels") or info.get("tokenizer")
+    if isinstance(vocab, dict):
+        vocab = vocab.get("labels")
+    return list(vocab) if isinstance(vocab, list) else None
+
+
+def _info_featurizer(info: dict):
+    for key in ("featurizer", "feature_settings", "features"):
+        value = info.get(key)
+        if isinstance(value, dict) and "era" in value:
+            return value
+    return None
+
+
+def _scan(files, compression) -> tuple[int, float, dict]:
+    """Counts utterances, hours and a feature-length histogram by reading the shards."""
+    spec = {
+        schema.FEATURE_LENGTH: tf.io.FixedLenFeature([], tf.int64),
+        schema.DURATION: tf.io.FixedLenFeature([], tf.float32, default_value=0.0),
+    }
+    ds = tf.data.TFRecordDataset(files, compression_type=compression or "")
+    ds = ds.batch(1024).map(lambda s: tf.io.parse_example(s, spec))
+    count, seconds, lengths = 0, 0.0, []
+    for batch in ds:
+        n = batch[schema.FEATURE_LENGTH].numpy()
+        count += len(n)
+        seconds += float(batch[schema.DURATION].numpy().sum())
+        lengths.extend(n.tolist())
+    return count, seconds / 3600.0, _histogram(lengths)
+
+
+def _histogram(lengths, bin_width: int = 50) -> dict:
+    counts = [0] * (max(lengths, default=0) // bin_width + 1)
+    for n in lengths:
+        counts[n // bin_width] += 1
+    return {"bin_width": bin_width, "counts": counts}
+
+
+def from_tfrecords(path) -> DataSource:
+    """A :class:`DataSource` for a ``qn features`` folder or TFRecord file(s)."""
+    files, compression, info = reader._shard_files(path)
+    info = info or {}
+    count, hours = _info_count(info), _info_hours(info)
+    histogram = info.get("length_histogram")
+    if count is None or hours is None or not histogram:
+        count, hours, histogram = _scan(files, compression)
+    if count == 0:
+        raise ValueError(f"{path} holds no utterances.")
+    return DataSource(
+        path=os.fspath(path) if not isinstance(path, list | tuple) else list(path),
+        num_utterances=int(count),
+        hours=float(hours),
+        description=str(path),
+        featurizer=_info_featurizer(info),
+        labels=_info_labels(info),
+        length_histogram=histogram,
+    )
+
+
+def featurize_manifest(
+    manifest,
+    tokenizer,
+    featurizer,
+    cache_dir,
+    *,
+    max_duration: float | None = None,
+    progress: bool = False,
+) -> DataSource:
+    """Featurizes a manifest once into ``cache_dir`` and returns it as a :class:`DataSource`.
+
+    The cache file name hashes the manifest's path, size and modification time with the front
+    end, vocabulary and duration limit, so a changed input is featurized again. Utterances that
+    cannot be used are skipped (the reader logs how many and why).
+    """
+    manifest = Path(manifest)
+    if not manifest.exists():
+        raise FileNotFoundError(f"Manifest not found: {manifest}")
+    stat = manifest.stat()
+    key = json.dumps(
+        [
+            str(manifest.resolve()),
+            stat.st_size,
+            stat.st_mtime_ns,
+            featurizer.to_dict(),
+            list(tokenizer.labels),
+            max_duration,
+            schema.SCHEMA_VERSION,
+        ],
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{manifest.stem}-{digest}.tfrecord"
+    info_path = target.with_suffix(".json")
+    if target.exists() and info_path.exists():
+        info = json.loads(info_path.read_text())
+    else:
+        info = _write_manifest_records(
+            manifest, tokenizer, featurizer, target, max_duration, progress
+        )
+        tmp = info_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, info_path)
+    if info["num_utterances"] == 0:
+        raise ValueError(f"No usable utterances in {manifest}.")
+    return DataSource(
+        path=str(target),
+        num_utterances=info["num_utterances"],
+        hours=info["hours"],
+        description=str(manifest),
+        featurizer=featurizer.to_dict(),
+        labels=list(tokenizer.labels),
+        length_histogram=info["length_histogram"],
+    )
+
+
+def _write_manifest_records(manifest, tokenizer, featurizer, target, max_duration, progress):
+    from tqdm import tqdm
+
+    ds = reader.manifest_dataset(
+        str(manifest),
+        tokenizer,
+        featurizer,
+        1,
+        shuffle=False,
+        bucket_boundaries=None,
+        deterministic=True,
+        max_duration=max_duration,
+        cache=False,
+        with_metadata=True,
+    )
+    tmp = target.with_name(target.name + ".tmp")
+    count, seconds, lengths = 0, 0.0, []
+    try:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            bar = tqdm(ds, desc=f"featurizing {manifest.name}", unit="utt", disable=not progress)
+            for (features, feature_lengths), (labels, label_lengths), meta in bar:
+                n, u = int(feature_lengths[0]), int(label_lengths[0])
+                duration = float(meta[schema.DURATION][0])
+                writer.write(
+                    schema.serialize_utterance(
+                        features[0, :n].numpy(),
+                        labels[0, :u].numpy().tolist(),
+                        meta[schema.TRANSCRIPT][0].numpy().decode("utf-8"),
+                        duration,
+                        meta[schema.UTT_ID][0].numpy().decode("utf-8"),
+                        str(manifest),
+                    )
+                )
+                count += 1
+                seconds += duration
+                lengths.append(n)
+        os.replace(tmp, target)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return {
+        "num_utterances": count,
+        "hours": seconds / 3600.0,
+        "length_histogram": _histogram(lengths),
+    }
+
+
+def is_manifest(path) -> bool:
+    path = Path(path)
+    return path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES
+
+
+def open_data(
+    path,
+    tokenizer,
+    featurizer,
+    cache_dir,
+    *,
+    max_duration: float | None = None,
+    progress: bool = False,
+) -> DataSource:
+    """A ``qn features`` folder, TFRecord file(s) or a manifest, checked against the model's
+    vocabulary and front end."""
+    if isinstance(path, str | os.PathLike) and is_manifest(path):
+        source = featurize_manifest(
+            path, tokenizer, featurizer, cache_dir, max_duration=max_duration, progress=progress
+        )
+    else:
+        if isinstance(path, str | os.PathLike) and not Path(path).exists() and "*" not in str(path):
+            raise FileNotFoundError(
+                f"Training data not found: {path} (expected a `qn features` folder, TFRecord "
+                "files or a manifest .json)"
+            )
+        source = from_tfrecords(path)
+    source.check_compatible(tokenizer, featurizer)
+    return source
+
+
+def steps_per_epoch(num_utterances: int, global_batch_size: int) -> int:
+    """Batches in one pass without bucketing (the estimate the schedule's horizon uses)."""
+    return max(1, math.ceil(num_utterances / global_batch_size))
