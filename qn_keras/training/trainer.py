@@ -280,6 +280,14 @@ def copy_weights(source: tf.keras.Model, target: tf.keras.Model, skip=()) -> lis
     return copied
 
 
+def _find_layer(model: tf.keras.Model, name: str):
+    """The layer ``name``, or the tfmot wrapper (quantization, pruning) around it."""
+    for layer in model.layers:
+        if layer.name == name or getattr(getattr(layer, "layer", None), "name", None) == name:
+            return layer
+    raise ValueError(f"The model has no layer {name!r}.")
+
+
 class Trainer:
     """Trains a QuartzNet CTC model from a :class:`TrainConfig`.
 
@@ -295,6 +303,10 @@ class Trainer:
         strategy: a ``tf.distribute`` strategy (default :func:`make_strategy`).
         progress: show a tqdm progress bar and print messages.
         export_serving: also write the serving SavedModel into ``model/``.
+        model_fn: optional ``model -> model`` applied to the built model once its initial
+            weights are in place, before training (e.g. wrapping it for quantization-aware
+            training or pruning with tfmot); the evaluation copy is built the same way, and the
+            exported model is the wrapped one.
 
     Example:
         >>> config = load_config("configs/demo.yaml")  # doctest: +SKIP
@@ -313,11 +325,13 @@ class Trainer:
         strategy=None,
         progress: bool = True,
         export_serving: bool = True,
+        model_fn=None,
     ):
         self.config = config.validate()
         self.out_dir = Path(out_dir)
         self.progress = progress
         self.export_serving = export_serving
+        self.model_fn = model_fn
         self.strategy = strategy or make_strategy()
         self.is_chief, self.worker_name = _worker_role(self.strategy)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -441,7 +455,7 @@ class Trainer:
     def _build_state(self, total_steps: int):
         config = self.config
         with self.strategy.scope():
-            self.model = _build_from_architecture(self.architecture)
+            self.model = self._build_model(initialize=not self._resuming)
             self.schedule = make_schedule(config, total_steps)
             self.optimizer = make_optimizer(config, self.schedule)
             inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
@@ -462,16 +476,25 @@ class Trainer:
         )
         # A plain copy for validation and export: reading distributed variables batch after
         # batch would cost cross-device (for several workers, collective) reads.
-        self.eval_model = _build_from_architecture(self.architecture)
+        self.eval_model = self._build_model(initialize=False)
         self._eval_step = make_eval_step(self.eval_model)
-        head = self.model.get_layer(HEAD_LAYER)
+        head = _find_layer(self.model, HEAD_LAYER)
         self._head_variables = head.trainable_variables
 
     def _scratch_checkpoint_dir(self) -> Path:
         # Every worker must take part in saving; only the chief's copy is kept.
         return Path(tempfile.mkdtemp(prefix=f"qn-ckpt-{self.worker_name}-"))
 
-    def _initialize_weights(self):
+    def _build_model(self, initialize: bool) -> tf.keras.Model:
+        model = _build_from_architecture(self.architecture)
+        if self.model_fn is None:
+            return model
+        # Wrappers copy the weights they wrap: the initial weights go in first.
+        if initialize:
+            self._initialize_weights(model)
+        return self.model_fn(model)
+
+    def _initialize_weights(self, target=None):
         init = self.init
         if init is None:
             return
@@ -485,7 +508,7 @@ class Trainer:
             tf.train.Checkpoint(model=source).restore(init.checkpoint).expect_partial()
         skip = (HEAD_LAYER,) if head_changed else ()
         with self.strategy.scope():
-            copy_weights(source, self.model, skip=skip)
+            copy_weights(source, self.model if target is None else target, skip=skip)
         note = " (new vocabulary: CTC head re-initialized, encoder kept)" if head_changed else ""
         self._say(f"Initialized from {init.description}{note}.")
 
@@ -585,7 +608,7 @@ class Trainer:
                 f"Resuming from {latest}: step {start_step}, epoch {int(self.epoch_var.numpy()) + 1}, "
                 f"batch {int(self.batch_var.numpy())} of the epoch."
             )
-        else:
+        elif self.model_fn is None:  # with model_fn, _build_model did it before wrapping
             self._initialize_weights()
 
         best = self._read_best()
