@@ -58,8 +58,11 @@ class FeaturizerConfig:
 
     @property
     def min_samples(self) -> int:
-        """Fewest samples that give two feature frames (per-feature std needs two)."""
-        return 2 * self.hop_length if self.era == "current" else self.hop_length
+        """Fewest samples that give two feature frames (per-feature std needs two); the legacy
+        era's reflect centre padding (n_fft // 2 each side) also needs more samples than that."""
+        if self.era == "current":
+            return 2 * self.hop_length
+        return max(self.hop_length, self.n_fft // 2 + 1)
 
     def num_frames(self, num_samples):
         """Feature frames for `num_samples` samples (int or integer tensor)."""
@@ -270,7 +273,8 @@ def check_audio_length(num_samples: int, config: FeaturizerConfig) -> None:
         raise ValueError(
             f"Audio has {num_samples} samples, fewer than the {config.min_samples} "
             f"({config.min_samples / config.sample_rate * 1000:.0f} ms) needed for two feature "
-            f"frames in the {config.era!r} front end."
+            f"frames in the {config.era!r} front end"
+            + (" and for its reflect padding." if config.era == "legacy" else ".")
         )
 
 
