@@ -48,6 +48,8 @@ def _accumulator(candidates: dict):
 
 def beam_decode_ids(logprobs: np.ndarray, length: int, blank_id: int, beam_width: int = 8):
     """CTC prefix beam search without a language model; returns the best label-id sequence."""
+    if int(beam_width) < 1:
+        raise ValueError(f"beam_width must be >= 1. Received: {beam_width}")
     logprobs = np.asarray(logprobs, dtype=np.float64)[: int(length)]
     # prefix -> (log p ending in blank, log p ending in non-blank)
     beams = {(): (0.0, -np.inf)}
