@@ -25,6 +25,18 @@ def register(subparsers):
     parser.set_defaults(func=run)
 
 
+def tf_keras_version() -> str:
+    """Version of the Keras package that ``tf.keras`` resolves to (``keras`` for TF 2.15's own
+    Keras 2, ``tf_keras`` if that second Keras 2 were installed and chosen); TF 2.15's
+    ``tf.keras`` has no ``__version__`` of its own."""
+    import importlib
+
+    import tensorflow as tf
+
+    package = tf.keras.layers.Layer.__module__.split(".")[0]
+    return f"{importlib.import_module(package).__version__} ({package})"
+
+
 def run(args) -> int:
     import tensorflow as tf
 
@@ -39,7 +51,7 @@ def run(args) -> int:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
-        "tf_keras_version": tf.keras.__version__,
+        "tf_keras_version": tf_keras_version(),
         "devices": devices,
         "built_with_cuda": tf.test.is_built_with_cuda(),
     }
