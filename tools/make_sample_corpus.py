@@ -46,19 +46,23 @@ SAMPLE_RATE = 16000
 TRAIN_VOICES = (
     ("en-us", None),
     ("en-us", "m3"),
+    ("en-us", "m7"),
+    ("en-us", "f5"),
     ("en-gb", "f2"),
+    ("en-gb", "m8"),
     ("en-gb-x-rp", "m1"),
-    ("en-gb-scotland", "f4"),
+    ("en-gb-x-rp", "f4"),
+    ("en-gb-scotland", "m5"),
     ("en-029", "m4"),
     ("en-gb-x-gbclan", "f1"),
-    ("en-us", "m7"),
+    ("en-gb-x-gbcwmd", "m3"),
 )
 DEV_VOICES = (
     ("en-gb-x-gbcwmd", "m2"),
     ("en-us", "f3"),
     ("en-gb", "m6"),
 )
-TRAIN_PER_VOICE = 32
+TRAIN_PER_VOICE = 21
 DEV_PER_VOICE = 20
 
 RATE_WPM = (145, 205)  # espeak-ng -s; its default is 175
