@@ -209,7 +209,12 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         self._fft_window = tf.constant(padded_window)
         self._mel_matrix = tf.constant(filterbank.T)  # [bins, mels]
 
-    def call(self, waveform, lengths, training=None):
+    def log_mel(self, waveform, lengths, training=None):
+        """Un-normalised log-mel ``[batch, frames, num_mels]`` and feature lengths.
+
+        Long-audio transcription featurizes a file in pieces with this and normalises with the
+        whole file's statistics, which ``call`` would otherwise compute per piece.
+        """
         cfg = self.config
         waveform = tf.convert_to_tensor(waveform, tf.float32)
         lengths = tf.cast(lengths, tf.int32)
@@ -231,10 +236,12 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         power = tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
         mel = tf.linalg.matmul(power, self._mel_matrix)  # [B, T, mels]
         log_mel = tf.math.log(mel + LOG_ZERO_GUARD)
+        feature_lengths = tf.minimum(cfg.num_frames(lengths), tf.shape(log_mel)[1])
+        return log_mel, feature_lengths
 
-        feature_lengths = cfg.num_frames(lengths)
+    def call(self, waveform, lengths, training=None):
+        log_mel, feature_lengths = self.log_mel(waveform, lengths, training=training)
         num_frames = tf.shape(log_mel)[1]
-        feature_lengths = tf.minimum(feature_lengths, num_frames)
         frame_mask = sequence_mask(feature_lengths, num_frames)[:, :, None]
         count = tf.cast(feature_lengths, tf.float32)[:, None, None]
         mean = tf.reduce_sum(log_mel * frame_mask, axis=1, keepdims=True) / tf.maximum(count, 1.0)
