@@ -1,0 +1,64 @@
+"""`qn client`: transcribe files through a TF Serving (or `qn serve`) endpoint.
+
+    qn client --url http://127.0.0.1:8501 --model qn a.wav b.flac
+    qn client --grpc 127.0.0.1:8500 --model qn a.wav
+
+Sends the files to the `transcribe_wav` signature (non-WAV files are re-encoded as WAV first;
+the server resamples), or with --signature serving_default decodes them here and sends
+16 kHz waveforms. Prints one "path<TAB>transcript" line per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "client",
+        help="transcribe files through a TF Serving REST or gRPC endpoint",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE")
+    parser.add_argument("--url", default="http://127.0.0.1:8501", help="REST root URL")
+    parser.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC at HOST:PORT instead")
+    parser.add_argument("--model", required=True, help="model name")
+    parser.add_argument("--version", type=int, help="model version (default: latest)")
+    parser.add_argument(
+        "--signature", choices=("transcribe_wav", "serving_default"), default="transcribe_wav"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="files per request")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+
+    from qn_cli.main import UserError
+    from serving.client import GrpcClient, RestClient, ServingError, wav_bytes
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.grpc:
+        client = GrpcClient(args.grpc, args.model, args.version, args.timeout)
+    else:
+        client = RestClient(args.url, args.model, args.version, args.timeout)
+    try:
+        for start in range(0, len(args.files), args.batch_size):
+            paths = args.files[start : start + args.batch_size]
+            if args.signature == "transcribe_wav":
+                prediction = client.transcribe_wav([wav_bytes(p) for p in paths])
+            else:
+                from qn_keras.audio import decode_audio
+
+                prediction = client.transcribe_waveforms([decode_audio(p) for p in paths])
+            for path, text in zip(paths, prediction.transcripts, strict=True):
+                print(f"{path}\t{text}", flush=True)
+    except ServingError as e:
+        print(f"qn client: server error {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0

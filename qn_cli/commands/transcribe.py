@@ -1,0 +1,124 @@
+"""`qn transcribe`: transcripts of audio files, folders or NeMo manifests.
+
+    qn transcribe --model DIR a.wav b.flac          # one "path<TAB>transcript" line per file
+    qn transcribe --model DIR audio_folder/ --output results.jsonl --timestamps
+    qn transcribe --model DIR dev.json --beam 8 --logprobs-dir logprobs/
+
+DIR is a model folder (`qn train`, `qn import-nemo`) or an exported model (`qn export`:
+BASE/NAME for its latest version, or BASE/NAME/N). Any soundfile format and sample rate.
+Files longer than --max-whole-seconds are transcribed in overlapping chunks in bounded
+memory, with the same result as whole-file transcription.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "transcribe",
+        help="transcribe audio files, folders or manifests",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, metavar="DIR", help="model or export folder")
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="audio files, folders, manifests"
+    )
+    parser.add_argument("--output", metavar="FILE", help="write JSON lines (one per file)")
+    parser.add_argument(
+        "--logprobs-dir", metavar="DIR", help="write <stem>.npy log-probabilities [frames, V]"
+    )
+    parser.add_argument("--timestamps", action="store_true", help="word start/end times")
+    parser.add_argument("--beam", type=int, default=1, metavar="N", help="CTC beam width (no LM)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--max-whole-seconds",
+        type=float,
+        default=60.0,
+        help="longer files are transcribed in chunks (default 60)",
+    )
+    parser.add_argument("--chunk-seconds", type=float, default=30.0)
+    parser.add_argument("--context-seconds", type=float, default=5.0)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def _stem_names(transcripts) -> list[str]:
+    """<stem>.npy names, made unique when two inputs share a stem (a/x.wav, b/x.flac)."""
+    names, seen = [], {}
+    for transcript in transcripts:
+        stem = transcript.item.path.stem
+        if transcript.item.offset or transcript.item.duration is not None:
+            stem = f"{stem}_{transcript.item.offset:g}"
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        names.append(f"{stem}.npy" if count == 0 else f"{stem}_{count}.npy")
+    return names
+
+
+def run(args) -> int:
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from qn_cli.main import UserError
+    from serving.recognizer import load_recognizer
+    from serving.transcribe import TranscribeOptions, Transcriber, collect_inputs
+
+    items = collect_inputs(args.inputs)
+    if not items:
+        raise UserError("No audio to transcribe.")
+    options = TranscribeOptions(
+        batch_size=args.batch_size,
+        beam_width=args.beam,
+        timestamps=args.timestamps,
+        keep_logprobs=bool(args.logprobs_dir),
+        max_whole_seconds=args.max_whole_seconds,
+        chunk_seconds=args.chunk_seconds,
+        context_seconds=args.context_seconds,
+    )
+    recognizer = load_recognizer(args.model)
+    transcriber = Transcriber(recognizer, options)
+    logprobs_dir = Path(args.logprobs_dir) if args.logprobs_dir else None
+    if logprobs_dir:
+        logprobs_dir.mkdir(parents=True, exist_ok=True)
+    with tqdm(
+        total=None, unit="s", desc="transcribing", disable=args.no_progress, file=sys.stderr
+    ) as bar:
+        results = transcriber.transcribe(
+            items,
+            progress=lambda seconds: bar.update(round(seconds, 2)),
+            on_total=lambda seconds: setattr(bar, "total", round(seconds, 2)),
+        )
+    failed = 0
+    names = _stem_names(results)
+    records = []
+    for transcript, name in zip(results, names, strict=True):
+        record = transcript.to_json()
+        if transcript.error is not None:
+            failed += 1
+            print(f"qn transcribe: {transcript.error}", file=sys.stderr)
+        else:
+            print(f"{transcript.item.path}\t{transcript.text}")
+            if logprobs_dir is not None:
+                np.save(logprobs_dir / name, transcript.logprobs)
+                record["logprobs"] = str(logprobs_dir / name)
+        records.append(record)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        with tmp.open("w") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    if failed:
+        print(f"qn transcribe: {failed} of {len(results)} files failed", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,1 @@
+"""TF Serving export, clients, a local server, batch transcription and TFLite for qn_keras models."""

@@ -1,0 +1,112 @@
+"""TFLite export: a waveform in, log-probabilities out, for on-device inference.
+
+The ``.tflite`` holds the featurizer and the acoustic model (builtin TFLite ops only, no Flex
+delegate needed): input ``waveform`` float32 ``[1, samples]`` at the model's sample rate, any
+length (resize the input tensor before allocating), output ``logprobs`` float32
+``[1, frames, vocabulary]``; greedy decoding of those is a few lines on the device
+(:func:`qn_keras.decoding.greedy_decode_ids`). Three variants:
+
+- ``float32``: same numbers as the Keras model (within float rounding);
+- ``float16``: weights stored as float16, half the size;
+- ``dynamic``: dynamic-range quantization, int8 weights with float activations, a quarter of
+  the size and faster on CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+MODES = ("float32", "float16", "dynamic")
+
+
+class WaveformToLogprobs(tf.Module):
+    """The TFLite graph: one waveform ``[1, samples]`` (all valid) to log-probabilities.
+
+    Only the model's variables are tracked, not the Keras objects, so the converter does not
+    re-trace every Keras layer for its intermediate SavedModel.
+    """
+
+    def __init__(self, bundle, name=None):
+        super().__init__(name=name)
+        featurizer = bundle.featurizer_layer()
+        self._runtime = types.SimpleNamespace(model=bundle.model, featurizer=featurizer)
+        self.model_variables = list(bundle.model.variables)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, None], tf.float32, name="waveform")])
+    def logprobs(self, waveform):
+        lengths = tf.shape(waveform)[1:2]
+        features, feature_lengths = self._runtime.featurizer(waveform, lengths, training=False)
+        logprobs, _ = self._runtime.model([features, feature_lengths], training=False)
+        return {"logprobs": logprobs}
+
+
+def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
+    """Writes ``out_dir/<mode>.tflite`` for each mode; returns ``{mode: path}``."""
+    modes = list(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"Unknown TFLite mode(s) {unknown}; choose from {', '.join(MODES)}.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = WaveformToLogprobs(bundle)
+    signature = module.logprobs.get_concrete_function()
+    # Converting from a SavedModel saved once is several times faster than converting the
+    # concrete function once per mode (the converter would save a SavedModel each time).
+    staging = Path(tempfile.mkdtemp(prefix=".tflite-staging-", dir=out_dir))
+    written = {}
+    try:
+        tf.saved_model.save(module, str(staging), signatures={"serving_default": signature})
+        for mode in modes:
+            converter = tf.lite.TFLiteConverter.from_saved_model(str(staging))
+            if mode in ("float16", "dynamic"):
+                converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            if mode == "float16":
+                converter.target_spec.supported_types = [tf.float16]
+            blob = converter.convert()
+            path = out_dir / f"{mode}.tflite"
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+            written[mode] = path
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+class TFLiteRecognizer:
+    """Runs a ``.tflite`` from :func:`convert_tflite` on one waveform at a time.
+
+    Example:
+        >>> runner = TFLiteRecognizer("BASE/NAME/1/tflite/dynamic.tflite")
+        >>> runner.logprobs(np.zeros(16000, np.float32)).shape
+        (50, 29)
+    """
+
+    def __init__(self, path, num_threads: int | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"TFLite model not found: {self.path}")
+        self.interpreter = tf.lite.Interpreter(
+            model_path=str(self.path), num_threads=num_threads or os.cpu_count()
+        )
+        self._input = self.interpreter.get_input_details()[0]["index"]
+        self._output = self.interpreter.get_output_details()[0]["index"]
+        self._length = None
+
+    def logprobs(self, waveform: np.ndarray) -> np.ndarray:
+        """Log-probabilities ``[frames, vocabulary]`` of a mono float32 waveform."""
+        waveform = np.asarray(waveform, dtype=np.float32).reshape(1, -1)
+        if waveform.shape[1] != self._length:
+            self.interpreter.resize_tensor_input(self._input, list(waveform.shape))
+            self.interpreter.allocate_tensors()
+            self._length = waveform.shape[1]
+        self.interpreter.set_tensor(self._input, waveform)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._output)[0]
