@@ -97,24 +97,6 @@ def _write_config(out: Path, config: TuneConfig):
     os.replace(tmp, out / CONFIG_FILE)
 
 
-def open_sources(config: TuneConfig, train, val, cache_dir, progress: bool = True):
-    """The training and validation data as trainer DataSources, featurized once."""
-    from qn_keras.training import data as data_lib
-
-    tokenizer = config.train.tokenizer()
-    featurizer = config.train.featurizer_config()
-    train_source = data_lib.open_data(
-        train,
-        tokenizer,
-        featurizer,
-        cache_dir,
-        max_duration=config.train.data.max_duration,
-        progress=progress,
-    )
-    val_source = data_lib.open_data(val, tokenizer, featurizer, cache_dir, progress=progress)
-    return train_source, val_source
-
-
 def collect_rows(tuner) -> list[dict]:
     """One leaderboard row per trial the oracle knows, from Keras Tuner's trial state and the
     trial's ``qn_trial.json``."""
@@ -249,26 +231,19 @@ def run_search(
         project_name=PROJECT,
         overwrite=False,
         progress=progress,
+        cache_dir=str(out / "cache" / os.environ.get("KERASTUNER_TUNER_ID", "tuner0")),
     )
-    data = {}
     if this_role == "chief":
         tuner.search(None, None)  # serves the oracle until every worker is done
     else:
-        cache = out / "cache" / tuner.tuner_id
-        train_source, val_source = open_sources(config, train, val, cache, progress)
-        data = {
-            "train": {
-                "source": train_source.description,
-                "utterances": train_source.num_utterances,
-                "hours": train_source.hours,
-            },
-            "val": {
-                "source": val_source.description,
-                "utterances": val_source.num_utterances,
-                "hours": val_source.hours,
-            },
+        tuner.search(train, val)
+    data = {}
+    for name, source in zip(("train", "val"), tuner.sources or (), strict=False):
+        data[name] = {
+            "source": source.description,
+            "utterances": source.num_utterances,
+            "hours": source.hours,
         }
-        tuner.search(train_source, val_source)
     tf.keras.backend.clear_session()
     if this_role == "worker":
         return {"role": "worker", "tuner_id": tuner.tuner_id}

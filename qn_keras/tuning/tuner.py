@@ -183,8 +183,10 @@ class QuartzNetTuner(kt.Tuner):
         overwrite: start afresh instead of resuming an existing project.
         progress: show the trainer's progress bars.
 
-    ``search(train_data, val_data)`` takes :class:`~qn_keras.training.data.DataSource`\\ s (or
-    paths, opened by each trial's trainer).
+    ``search(train, val)`` takes paths (manifest or ``qn features`` folder), opened once, at
+    the first trial that gets trained (so a chief, or a search whose trials are all pruned,
+    never featurizes anything), into ``cache_dir``; or ready
+    :class:`~qn_keras.training.data.DataSource` objects.
     """
 
     def __init__(
@@ -198,9 +200,12 @@ class QuartzNetTuner(kt.Tuner):
         project_name="search",
         overwrite=False,
         progress=False,
+        cache_dir=None,
     ):
         self.config = config
         self.progress = progress
+        self.cache_dir = cache_dir
+        self.sources = None
         hypermodel = QuartzNetHyperModel(config.space, vocabulary_size, num_features)
         super().__init__(
             oracle=oracle,
@@ -216,6 +221,31 @@ class QuartzNetTuner(kt.Tuner):
         hp = self.oracle.get_space()
         self.hypermodel.declare_hyperparameters(hp)
         self.oracle.update_space(hp)
+
+    def open_data(self, train, val):
+        """The (train, val) DataSources, featurized once per tuner and then reused."""
+        if self.sources is None:
+            from qn_keras.training import data as data_lib
+
+            if isinstance(train, data_lib.DataSource) and isinstance(val, data_lib.DataSource):
+                self.sources = (train, val)
+            else:
+                train_config = self.config.train
+                tokenizer = train_config.tokenizer()
+                featurizer = train_config.featurizer_config()
+                cache = self.cache_dir or os.path.join(self.project_dir, "cache", self.tuner_id)
+                self.sources = (
+                    data_lib.open_data(
+                        train,
+                        tokenizer,
+                        featurizer,
+                        cache,
+                        max_duration=train_config.data.max_duration,
+                        progress=self.progress,
+                    ),
+                    data_lib.open_data(val, tokenizer, featurizer, cache, progress=self.progress),
+                )
+        return self.sources
 
     def trial_values(self, trial) -> dict:
         return {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
@@ -271,13 +301,14 @@ class QuartzNetTuner(kt.Tuner):
                 init_from = parent_model
                 train_epochs = max(1, epochs - initial_epoch)
         train_config = trial_train_config(self.config.train, arch, values, train_epochs)
+        train_source, val_source = self.open_data(train_data, val_data)
         started = time.monotonic()
         try:
             result = Trainer(
                 train_config,
                 trial_dir / TRAIN_DIR,
-                train_data,
-                val_data,
+                train_source,
+                val_source,
                 init_from=init_from,
                 progress=self.progress,
                 export_serving=False,
