@@ -80,8 +80,14 @@ def normalize_block_lists(**stackwise) -> dict:
             raise ValueError(
                 f"Block {i}: repeats must be >= 1. Received: {out['stackwise_repeats'][i]}"
             )
+        kernel = out["stackwise_kernel_sizes"][i]
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(
+                f"Block {i}: kernel sizes must be odd (symmetric 'same' padding, as NeMo). "
+                f"Received: {kernel}"
+            )
         same_padding(
-            out["stackwise_kernel_sizes"][i],
+            kernel,
             out["stackwise_strides"][i],
             out["stackwise_dilations"][i],
         )
@@ -158,7 +164,9 @@ def _main_branch(x, lengths, i, cfg, kernel, channels_in, activation, se_reducti
     """R sub-blocks: [mask, pad, (depthwise, mask,) pointwise/conv, BN, shuffle], act between."""
     for j in range(cfg["repeats"]):
         prefix = f"block_{i}_sub_{j}"
-        stride = cfg["strides"] if j == 0 else 1
+        # NeMo's `stride_last`: a strided block strides only its last sub-block (ContextNet
+        # configs); QuartzNet's and Jasper's strided blocks have one sub-block, so it's moot.
+        stride = cfg["strides"] if j == cfg["repeats"] - 1 else 1
         dilation = cfg["dilations"]
         pad = same_padding(kernel, stride, dilation)
         x = SequenceMask(name=f"{prefix}_mask")([x, lengths])
@@ -227,7 +235,8 @@ class QuartzNetBackbone(tf.keras.Model):
     grouped); sub-blocks but the last are followed by activation and dropout; the residual
     branch (1x1 conv + BN on the block input) is added before the block's final activation.
     Padded frames are zeroed before every convolution and lengths carried through, so valid
-    outputs do not depend on batch padding.
+    outputs do not depend on batch padding. A strided block with repeats strides its last
+    sub-block and its residual branch (NeMo's ``stride_last`` with ``residual_mode: stride_add``).
 
     Inputs: ``features`` float32 ``[batch, time, num_features]``, ``feature_lengths`` int32
     ``[batch]``. Outputs: ``encoded`` ``[batch, ceil(time / 2), filters[-1]]`` (for one

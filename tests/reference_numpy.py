@@ -212,7 +212,7 @@ def _conv_torch(kernel):
     return np.transpose(kernel[:, 0], (2, 1, 0))
 
 
-def quartznet_forward(features, config: dict, weights: dict, stride_on: str = "first"):
+def quartznet_forward(features, config: dict, weights: dict, stride_on: str = "last"):
     """NeMo ConvASREncoder + ConvASRDecoder on ONE unpadded utterance, in float64.
 
     Args:

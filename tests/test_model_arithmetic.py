@@ -320,6 +320,8 @@ def test_bad_model_arguments_raise_clear_errors():
             stackwise_filters=[8], stackwise_kernel_sizes=[3], stackwise_strides=[2],
             stackwise_dilations=[2],
         )  # fmt: skip
+    with pytest.raises(ValueError, match=r"Block 0: kernel sizes must be odd.*Received: 4"):
+        QuartzNetBackbone(stackwise_filters=[8], stackwise_kernel_sizes=[4])
     with pytest.raises(ValueError, match="activation must be one of"):
         QuartzNetBackbone(stackwise_filters=[8], stackwise_kernel_sizes=[3], activation="gelu")
     with pytest.raises(ValueError, match="vocabulary_size must be >= 2"):
