@@ -23,7 +23,28 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from qn_keras.featurizer import LogMelSpectrogram
+
 MODES = ("float32", "float16", "dynamic")
+
+
+# TFLite's dynamic-range quantizer leaves constant weights under 1024 elements in float.
+_MAX_FLOAT_WEIGHTS = 1023
+
+
+class _BlockwiseMelSpectrogram(LogMelSpectrogram):
+    """The same front end, with the mel projection as a sum of matmuls over row blocks small
+    enough to stay float32 under dynamic-range quantization: int8 would flatten the power
+    spectrum's dynamic range (log-mel errors of several units). Same arithmetic otherwise."""
+
+    def _mel_projection(self, power):
+        matrix = self._mel_matrix.numpy()
+        rows = max(1, _MAX_FLOAT_WEIGHTS // matrix.shape[1])
+        parts = [
+            tf.linalg.matmul(power[..., i : i + rows], tf.constant(matrix[i : i + rows]))
+            for i in range(0, matrix.shape[0], rows)
+        ]
+        return tf.add_n(parts)
 
 
 class WaveformToLogprobs(tf.Module):
@@ -35,7 +56,9 @@ class WaveformToLogprobs(tf.Module):
 
     def __init__(self, bundle, name=None):
         super().__init__(name=name)
-        featurizer = bundle.featurizer_layer()
+        featurizer = _BlockwiseMelSpectrogram(
+            **bundle.featurizer.to_dict(), filterbank=bundle.filterbank, window=bundle.window
+        )
         self._runtime = types.SimpleNamespace(model=bundle.model, featurizer=featurizer)
         self.model_variables = list(bundle.model.variables)
 
