@@ -126,6 +126,9 @@ def load_model_dir(path, compile: bool = False) -> ModelBundle:
         raise ValueError(f"{path / META_FILE} is not a {FORMAT} file.")
     import qn_keras  # noqa: F401  (registers the custom layers before deserializing)
 
+    if meta.get("metadata", {}).get("optimization"):
+        import qn_keras.optimization  # noqa: F401  (registers tfmot's quantize/prune wrappers)
+
     model = tf.keras.models.load_model(path / KERAS_FILE, compile=compile)
     arrays = {}
     for field, filename in meta.get("featurizer_arrays", {}).items():

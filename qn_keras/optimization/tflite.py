@@ -1,0 +1,205 @@
+"""TFLite conversion of float, pruned and quantized QuartzNet models, and a small runner.
+
+The TFLite models here take log-mel ``features`` float32 ``[1, frames, num_features]`` (one
+utterance, every frame valid) and return ``logits`` float32 ``[1, frames', vocabulary]``
+(:class:`TFLiteRunner` applies the log-softmax in float).
+The featurizer stays outside: its log and normalization do not quantize to int8, and the
+serving package's waveform-in TFLite covers the float front end.
+
+With one utterance and no padding, the encoder's ``SequenceMask`` layers multiply by ones, so
+the export graph drops them. That matters for integer models: a float mask multiply between two
+quantized convolutions forces a dequantize / float op / quantize round trip at every mask, and
+the TFLite converter then leaves the convolutions themselves in float.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from qn_keras.optimization.graph import export_graph
+
+MODES = ("float32", "float16", "dynamic", "int8", "qat")
+
+
+def serving_function(model: tf.keras.Model, num_features: int, batch_size: int | None = 1):
+    """A concrete function ``features -> logits`` over ``export_graph(model)`` (no optimizer)."""
+    graph = export_graph(model)
+    spec = tf.TensorSpec([batch_size, None, num_features], tf.float32, name="features")
+
+    @tf.function(input_signature=[spec])
+    def logprobs(features):
+        shape = tf.shape(features)
+        lengths = tf.fill(shape[:1], shape[1])
+        return {"logits": graph([features, lengths], training=False)}
+
+    return logprobs.get_concrete_function(), graph
+
+
+def convert(
+    model: tf.keras.Model,
+    mode: str,
+    *,
+    num_features: int = 64,
+    representative_features=None,
+    num_threads: int | None = None,
+) -> bytes:
+    """Converts ``model`` to a TFLite flatbuffer.
+
+    Args:
+        model: a float QuartzNetCTC (or stripped pruned model) for ``float32``, ``float16``,
+            ``dynamic`` and ``int8``; a fake-quantized model from ``quantize_model`` for ``qat``.
+        mode: ``float32``; ``float16`` (float16 weights, float compute); ``dynamic`` (int8
+            weights, float activations); ``int8`` (post-training full-integer: int8 weights and
+            activations, calibrated on ``representative_features``, float input and output);
+            ``qat`` (integer model from the fake-quantization ranges learned in training).
+        representative_features: for ``int8``: an iterable of float32 ``[frames, num_features]``
+            feature arrays from the training data.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown TFLite mode {mode!r}. Known: {', '.join(MODES)}.")
+    fn, graph = serving_function(model, num_features)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], graph)
+    if mode == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif mode in ("dynamic", "qat"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif mode == "int8":
+        if representative_features is None:
+            raise ValueError("int8 post-training quantization needs representative_features.")
+        samples = [np.asarray(f, np.float32) for f in representative_features]
+        if not samples:
+            raise ValueError("representative_features is empty.")
+
+        def dataset():
+            for f in samples:
+                yield [f[None]]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = dataset
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def write_tflite(path, blob: bytes) -> Path:
+    """Writes ``blob`` atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    return path
+
+
+class TFLiteRunner:
+    """Runs a features-in TFLite model one utterance at a time (dynamic number of frames)."""
+
+    def __init__(self, model_path_or_bytes, num_threads: int | None = None):
+        if isinstance(model_path_or_bytes, bytes | bytearray):
+            self.interpreter = tf.lite.Interpreter(
+                model_content=bytes(model_path_or_bytes), num_threads=num_threads
+            )
+        else:
+            self.interpreter = tf.lite.Interpreter(
+                model_path=str(model_path_or_bytes), num_threads=num_threads
+            )
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self._frames = None
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        """``[frames, num_features]`` float32 -> ``[frames', vocabulary]`` log-probabilities.
+
+        The model returns logits; log-softmax runs here in float64 -> float32, so integer
+        models do not round their log-probabilities to 8 bits.
+        """
+        features = np.asarray(features, np.float32)[None]
+        if self._frames != features.shape[1]:
+            self.interpreter.resize_tensor_input(self._input["index"], features.shape)
+            self.interpreter.allocate_tensors()
+            self._frames = features.shape[1]
+        self.interpreter.set_tensor(self._input["index"], features)
+        self.interpreter.invoke()
+        logits = self.interpreter.get_tensor(self._output["index"])[0].astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
+
+
+def op_counts(model_path_or_bytes) -> Counter:
+    """TFLite builtin op names and how often each occurs."""
+    interpreter = _interpreter(model_path_or_bytes)
+    return Counter(op["op_name"] for op in interpreter._get_ops_details())
+
+
+def compute_op_types(model_path_or_bytes) -> dict:
+    """For each weighted op (conv, depthwise, fully connected): ``{name: input dtype}``.
+
+    An integer model has int8 activations into every one of them.
+    """
+    interpreter = _interpreter(model_path_or_bytes)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    out = {}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            data, weight = tensors[op["inputs"][0]], tensors[op["inputs"][1]]
+            out[weight["name"]] = {
+                "op": op["op_name"],
+                "input_dtype": np.dtype(data["dtype"]).name,
+                "weight_dtype": np.dtype(weight["dtype"]).name,
+            }
+    return out
+
+
+def weight_tensors(model_path_or_bytes) -> list[dict]:
+    """The weight tensors of conv / depthwise / fully-connected ops with their quantization."""
+    interpreter = _interpreter(model_path_or_bytes)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    out = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        detail = tensors[op["inputs"][1]]
+        try:
+            value = interpreter.get_tensor(detail["index"])
+        except ValueError:
+            continue
+        q = detail["quantization_parameters"]
+        out.append(
+            {
+                "name": detail["name"],
+                "op": op["op_name"],
+                "dtype": np.dtype(detail["dtype"]).name,
+                "value": value,
+                "scales": q["scales"],
+                "axis": q["quantized_dimension"],
+            }
+        )
+    return out
+
+
+def _interpreter(model_path_or_bytes):
+    if isinstance(model_path_or_bytes, bytes | bytearray):
+        return tf.lite.Interpreter(model_content=bytes(model_path_or_bytes))
+    return tf.lite.Interpreter(model_path=str(model_path_or_bytes))
+
+
+def audio_seconds_per_second(
+    runner: TFLiteRunner, features: list[np.ndarray], frames_per_second: float = 100.0
+) -> float:
+    """Seconds of audio (from feature frames) processed per wall-clock second, after warm-up."""
+    if not features:
+        raise ValueError("audio_seconds_per_second needs at least one utterance.")
+    runner(features[0])
+    start = time.perf_counter()
+    for f in features:
+        runner(f)
+    elapsed = time.perf_counter() - start
+    return sum(len(f) for f in features) / frames_per_second / max(elapsed, 1e-9)
