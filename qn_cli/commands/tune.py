@@ -117,5 +117,9 @@ def _print_summary(summary: dict, out) -> None:
             f"Best model (trial {summary['best_trial_id']}): {summary['best_model_dir']} "
             "(model folder with serving SavedModel)"
         )
+        print(
+            f"  for TF Serving: qn export --model {summary['best_model_dir']} --out exports "
+            "--name NAME"
+        )
     else:
         print("No trial finished training, so there is no best model yet.")

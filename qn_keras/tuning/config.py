@@ -28,9 +28,10 @@ from qn_keras.training.config import ConfigError, TrainConfig, _build
 
 TUNERS = ("hyperband", "bayesian", "random")
 OBJECTIVES = ("val_wer", "val_loss")
-# Scores given to trials pruned by a constraint: worse than any trained model can score, but
-# finite, so that Bayesian optimization can still fit its Gaussian process to them.
-INFEASIBLE_SCORES = {"val_wer": 10.0, "val_loss": 1.0e4}
+# Scores given to trials pruned by a constraint: worse than trained models score in practice
+# (an untrained model's insertions can push WER past 1, not to 100), but finite, so that
+# Bayesian optimization can still fit its Gaussian process to them.
+INFEASIBLE_SCORES = {"val_wer": 100.0, "val_loss": 1.0e6}
 
 # The searchable hyperparameters and their value types.
 HYPERPARAMETERS = {
@@ -146,8 +147,8 @@ class BayesianConfig:
 class SearchConfig:
     """How to search. ``time_budget`` ("2h", "30m", "1h30m", seconds): no trial is launched
     once the search has run that long (a running trial finishes). ``infeasible_score``: the
-    objective value reported for trials a constraint prunes (null: 10.0 for val_wer, 1e4 for
-    val_loss)."""
+    objective value reported for trials a constraint prunes (null: 100.0 for val_wer, 1e6
+    for val_loss)."""
 
     tuner: str = "hyperband"
     objective: str = "val_wer"
