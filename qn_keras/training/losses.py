@@ -36,8 +36,8 @@ def ctc_per_utterance(labels, label_lengths, logprobs, logprob_lengths):
         ignore_longer_outputs_than_inputs=True,
     )
     # Repeated labels need a blank between them; when that does not fit the kernel returns
-    # inf with a zero gradient. zero_infinity maps it to 0.
-    return tf.where(tf.math.is_finite(losses), losses, tf.zeros_like(losses))
+    # inf with a zero gradient. zero_infinity maps it to 0; NaN is left for the trainer to see.
+    return tf.where(tf.math.is_inf(losses), tf.zeros_like(losses), losses)
 
 
 def ctc_loss_mean_batch(labels, label_lengths, logprobs, logprob_lengths):

@@ -43,7 +43,6 @@ import tensorflow as tf
 
 from qn_keras.featurizer import FeaturizerConfig
 from qn_keras.model_dir import ModelBundle, is_model_dir, load_model_dir, save_model_dir
-from qn_keras.presets import build_model
 from qn_keras.tokenizer import CharTokenizer
 from qn_keras.training import data as data_lib
 from qn_keras.training.augment import augment_batch
@@ -104,6 +103,14 @@ def make_strategy(devices=None) -> tf.distribute.Strategy:
     if tasks > 1:
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.MirroredStrategy(devices)
+
+
+def strategy_name(strategy) -> str:
+    """The public ``tf.distribute`` name (MultiWorkerMirroredStrategy's class is
+    ``CollectiveAllReduceStrategy``)."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"
+    return type(strategy).__name__
 
 
 def _worker_role(strategy) -> tuple[bool, str]:
@@ -254,6 +261,37 @@ def _build_from_architecture(architecture: dict) -> tf.keras.Model:
     from qn_keras.quartznet_ctc import QuartzNetCTC
 
     return QuartzNetCTC.from_config(dict(architecture))
+
+
+MODEL_ARGS = ("num_features", "activation", "kernel_size_factor", "se_reduction_ratio", "name")
+
+
+def architecture_from_config(model_cfg) -> dict:
+    """``QuartzNetCTC`` arguments (without ``vocabulary_size``) for a ``ModelConfig``, checked
+    without building the model."""
+    from qn_keras.presets import preset_kwargs
+    from qn_keras.quartznet_backbone import STACKWISE_ARGS, normalize_block_lists
+
+    kwargs = preset_kwargs(model_cfg.preset) if model_cfg.preset else {}
+    kwargs.update(model_cfg.model_kwargs())
+    unknown = sorted(set(kwargs) - set(STACKWISE_ARGS) - set(MODEL_ARGS))
+    if unknown:
+        raise ConfigError(
+            f"model: unknown model argument(s) {unknown}. Known: "
+            f"{sorted(STACKWISE_ARGS + MODEL_ARGS)}"
+        )
+    stackwise = {k: v for k, v in kwargs.items() if k in STACKWISE_ARGS}
+    if not stackwise.get("stackwise_filters") or not stackwise.get("stackwise_kernel_sizes"):
+        raise ConfigError(
+            "model.blocks needs at least stackwise_filters and stackwise_kernel_sizes."
+        )
+    try:
+        blocks = normalize_block_lists(**stackwise)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    others = {k: v for k, v in kwargs.items() if k in MODEL_ARGS}
+    others.setdefault("name", model_cfg.preset or "quartznet")
+    return {**others, **blocks}
 
 
 def copy_weights(source: tf.keras.Model, target: tf.keras.Model, skip=()) -> list[str]:
@@ -415,18 +453,7 @@ class Trainer:
             architecture = dict(self.init.architecture)
             architecture.pop("vocabulary_size", None)
         else:
-            model_cfg = config.model
-            kwargs = model_cfg.model_kwargs()
-            if model_cfg.preset is not None:
-                probe = build_model(model_cfg.preset, **kwargs)
-            else:
-                from qn_keras.quartznet_ctc import QuartzNetCTC
-
-                kwargs.setdefault("name", "quartznet")
-                probe = QuartzNetCTC(vocabulary_size=2, **kwargs)
-            architecture = probe.get_config()
-            architecture.pop("vocabulary_size", None)
-            del probe
+            architecture = architecture_from_config(config.model)
         if config.labels is not None:
             labels = tuple(config.tokenizer().labels)
         elif self.init is not None:
@@ -454,6 +481,8 @@ class Trainer:
 
     def _build_state(self, total_steps: int):
         config = self.config
+        # The same seed gives the same initial weights (and Python/NumPy draws).
+        tf.keras.utils.set_random_seed(config.training.seed)
         with self.strategy.scope():
             self.model = self._build_model(initialize=not self._resuming)
             self.schedule = make_schedule(config, total_steps)
@@ -474,9 +503,12 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(directory), max_to_keep=config.training.keep_checkpoints
         )
-        # A plain copy for validation and export: reading distributed variables batch after
-        # batch would cost cross-device (for several workers, collective) reads.
-        self.eval_model = self._build_model(initialize=False)
+        # With several replicas validation and export use a plain copy: reading distributed
+        # variables batch after batch would cost cross-device (collective) reads.
+        if self.strategy.num_replicas_in_sync > 1:
+            self.eval_model = self._build_model(initialize=False)
+        else:
+            self.eval_model = self.model
         self._eval_step = make_eval_step(self.eval_model)
         head = _find_layer(self.model, HEAD_LAYER)
         self._head_variables = head.trainable_variables
@@ -774,6 +806,8 @@ class Trainer:
         if last_val_step != step and step > start_step:
             validate(int(self.epoch_var.numpy()))
         elapsed = time.monotonic() - started
+        if best is None:
+            self._sync_eval_model()  # every worker takes part (collective reads)
         model_dir = self._export(best) if self.is_chief else None
         final = history["val"][-1] if history["val"] else None
         report = self._report(
@@ -838,7 +872,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- io
 
     def _sync_eval_model(self):
-        self.eval_model.set_weights(self.model.get_weights())
+        if self.eval_model is not self.model:
+            self.eval_model.set_weights(self.model.get_weights())
 
     def _validate(self):
         if self.val_data is None:
@@ -878,7 +913,6 @@ class Trainer:
         if best is not None and is_model_dir(best_path):
             model = load_model_dir(best_path).model
         else:
-            self._sync_eval_model()
             model = self.eval_model
         metadata = {
             "trained_by": "qn train",
@@ -919,7 +953,7 @@ class Trainer:
                 },
             },
             "strategy": {
-                "name": type(self.strategy).__name__,
+                "name": strategy_name(self.strategy),
                 "replicas": self.strategy.num_replicas_in_sync,
                 "global_batch_size": self.global_batch_size,
             },
@@ -942,12 +976,13 @@ class Trainer:
 
 def plot_curves(history: dict, path) -> None:
     """Training loss (and validation loss) and validation WER/CER against steps, as a PNG."""
-    import matplotlib
+    # The object API with the Agg canvas: no pyplot, no GUI backend, no global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_wer) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_wer = fig.subplots(1, 2)
     train, val = history.get("train", []), history.get("val", [])
     if train:
         ax_loss.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
@@ -968,7 +1003,6 @@ def plot_curves(history: dict, path) -> None:
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
 
 

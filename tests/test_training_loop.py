@@ -1,0 +1,182 @@
+"""The training loop in one process: learning, outputs, divergence, fine-tuning, evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from training_utils import REPO, tiny_config, write_synthetic_tfrecord
+
+from qn_keras.model_dir import load_model_dir
+from qn_keras.training import ConfigError, TrainConfig, Trainer, TrainingDivergedError
+from qn_keras.training import trainer as trainer_module
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_synthetic_tfrecord(root / "train.tfrecord", 32, seed=0)
+    write_synthetic_tfrecord(root / "val.tfrecord", 8, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base_run(corpus, tmp_path_factory):
+    """A tiny model trained for 3 epochs (with augmentation, which must stay in training)."""
+    out = tmp_path_factory.mktemp("run")
+    config = TrainConfig.from_dict(
+        tiny_config(
+            augment={"rect_masks": 2, "rect_time": 5, "rect_freq": 8, "freq_masks": 1},
+            training={"epochs": 3, "log_every_steps": 2},
+        )
+    )
+    calls = []
+    original = trainer_module.augment_batch
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    trainer_module.augment_batch = counting
+    try:
+        result = Trainer(
+            config,
+            out,
+            str(corpus / "train.tfrecord"),
+            str(corpus / "val.tfrecord"),
+            progress=False,
+        ).fit()
+    finally:
+        trainer_module.augment_batch = original
+    return out, result, len(calls)
+
+
+def test_tiny_model_learns_and_writes_outputs(base_run):
+    out, result, augment_traces = base_run
+    report = json.loads((out / "training_report.json").read_text())
+    history = json.loads((out / "history.json").read_text())
+    assert result.steps == report["steps"] == 24  # 32 utterances / batch 4, 3 epochs
+    assert report["stopped_reason"] == "epochs" and report["epochs_completed"] == 3
+    assert report["data"]["train"]["utterances"] == 32
+    assert report["throughput"]["utterances_per_s"] > 0
+    assert report["config"]["optimizer"]["name"] == "novograd"
+    losses = [h["loss"] for h in history["train"]]
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
+    val = history["val"]
+    assert [v["epoch"] for v in val] == [0, 1, 2] and val[-1]["loss"] < val[0]["loss"]
+    assert report["best"]["wer"] == min(v["wer"] for v in val)
+    assert (out / "curves.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+    # Augmentation was traced into the training step only: validation never called it.
+    assert augment_traces == 1
+
+    bundle = load_model_dir(out / "model")
+    assert bundle.metadata["best"]["step"] == report["best"]["step"]
+    served = tf.saved_model.load(str(out / "model" / "saved_model"))
+    outputs = served.signatures["serving_default"](
+        waveform=tf.random.normal([1, 8000]) * 0.1, lengths=tf.constant([8000])
+    )
+    assert outputs["transcripts"].shape == (1,)
+
+
+def test_restart_with_another_config_is_refused(base_run, corpus):
+    out, _, _ = base_run
+    config = TrainConfig.from_dict(tiny_config(optimizer={"learning_rate": 0.5}))
+    with pytest.raises(ConfigError, match="different config"):
+        Trainer(config, out, str(corpus / "train.tfrecord"), progress=False)
+
+
+def test_nan_loss_stops_before_any_checkpoint_of_the_bad_step(corpus, tmp_path):
+    import tensorflow as tf
+
+    from qn_keras.data import schema
+
+    records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(str(corpus / "train.tfrecord"))]
+    path = tmp_path / "nan.tfrecord"
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i, record in enumerate(records[:16]):
+            if i == 9:  # third batch of 4 (no shuffling)
+                item = schema.parse_example_numpy(record)
+                features = item["features"].copy()
+                features[2, 5] = np.nan
+                record = schema.serialize_utterance(
+                    features, item["labels"], item["transcript"], 1.0, "bad", "test"
+                )
+            writer.write(record)
+    config = TrainConfig.from_dict(
+        tiny_config(data={"shuffle": False}, training={"epochs": 2, "checkpoint_every_steps": 1})
+    )
+    trainer = Trainer(config, tmp_path / "out", str(path), progress=False)
+    with pytest.raises(
+        TrainingDivergedError, match=r"Training loss became nan at step 3 \(epoch 1\)"
+    ):
+        trainer.fit()
+    checkpoints = tf.train.get_checkpoint_state(str(tmp_path / "out" / "checkpoints"))
+    assert checkpoints.model_checkpoint_path.endswith("ckpt-2")
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_fine_tune_with_new_vocabulary_keeps_frozen_encoder(base_run, corpus, tmp_path):
+    out, _, _ = base_run
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join([" ", *"abcdefghijklmnopqrstuvwxyz"]) + "\n")  # no apostrophe
+    config = TrainConfig.from_dict(
+        tiny_config(
+            labels=str(labels), training={"epochs": 2, "freeze_encoder_steps": 3, "max_steps": 3}
+        )
+    )
+    from qn_keras.tokenizer import ENGLISH_LABELS
+    from qn_keras.training.data import from_tfrecords
+
+    write_synthetic_tfrecord(tmp_path / "train27.tfrecord", 8, seed=3)
+    data = from_tfrecords(str(tmp_path / "train27.tfrecord"))
+    data.labels = list(ENGLISH_LABELS)
+    with pytest.raises(ValueError, match="vocabulary"):
+        Trainer(config, tmp_path / "ft0", data, init_from=out / "model", progress=False)
+    data.labels = None  # the synthetic ids (< 26) mean the same letters in both vocabularies
+    trainer = Trainer(config, tmp_path / "ft", data, init_from=out / "model", progress=False)
+    result = trainer.fit()
+    assert result.steps == 3
+    init = load_model_dir(out / "model").model
+    tuned = load_model_dir(tmp_path / "ft" / "model")
+    assert tuned.tokenizer.labels == tuple([" ", *"abcdefghijklmnopqrstuvwxyz"])
+    assert tuned.model.get_layer("ctc_head_conv").kernel.shape[-1] == 28
+    for layer in init.layers:
+        if layer.name == "ctc_head_conv" or not layer.trainable_weights:
+            continue
+        for a, b in zip(
+            layer.trainable_weights,
+            tuned.model.get_layer(layer.name).trainable_weights,
+            strict=True,
+        ):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_qn_evaluate_writes_worst_first(base_run, tmp_path):
+    out, _, _ = base_run
+    lines = (REPO / "sample_data" / "dev.json").read_text().splitlines()[:3]
+    entries = [json.loads(line) for line in lines]
+    for e in entries:
+        e["audio_filepath"] = str(REPO / "sample_data" / e["audio_filepath"])
+    manifest = tmp_path / "dev3.json"
+    manifest.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qn_cli", "evaluate", "--model", str(out / "model")]
+        + ["--manifest", str(manifest), "--output", str(results), "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "WER:" in proc.stdout and "CER:" in proc.stdout
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted(r["reference"] for r in rows) == sorted(e["text"] for e in entries)
+    errors = [r["word_errors"] for r in rows]
+    assert errors == sorted(errors, reverse=True)
+    assert {"reference", "hypothesis", "word_errors", "cer"} <= set(rows[0])
