@@ -56,9 +56,9 @@ class ServerConfig:
 def _error_message(error: tf.errors.OpError) -> str:
     # "assertion failed: [wav_bytes[1]: WAV file has no 'data' chunk]\n\t [[{{node ...}}]]"
     text = error.message
-    found = re.search(r"assertion failed: \[(.*?)\](?: \[(.*?)\])?", text, re.S)
-    if found:
-        return " ".join(part for part in found.groups() if part)
+    if "assertion failed: [" in text:
+        line = text.split("assertion failed: ", 1)[1].split("\n", 1)[0].strip()
+        return " ".join(line[1:-1].split("] ["))
     return re.sub(r"\s*\[\[.*", "", re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)).strip()
 
 
@@ -230,10 +230,12 @@ def _json_output(name: str, array: np.ndarray):
     return array.tolist()
 
 
-def _json_tree(array: np.ndarray, convert):
-    if array.ndim == 0:
-        return convert(array.item())
-    return [_json_tree(a, convert) for a in array]
+def _json_tree(value, convert):
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:
+            return convert(value.item())
+        return [_json_tree(v, convert) for v in value]
+    return convert(value)
 
 
 def format_rest_response(outputs: dict, row_format: bool) -> dict:
@@ -242,7 +244,8 @@ def format_rest_response(outputs: dict, row_format: bool) -> dict:
     batch = len(next(iter(outputs.values())))
     return {
         "predictions": [
-            {k: _json_output(k, v[i]) for k, v in outputs.items()} for i in range(batch)
+            {k: _json_output(k, np.asarray(v[i], dtype=v.dtype)) for k, v in outputs.items()}
+            for i in range(batch)
         ]
     }
 

@@ -1,0 +1,167 @@
+"""`qn export`: the version folder's layout, its op set, and signature and TFLite parity with
+the Keras model (reloaded with tf.saved_model.load, as tensorflow/models' export tests do)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import serving_utils as su
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving import export
+from serving.tflite import TFLiteRecognizer
+
+
+def test_layout_and_server_config():
+    version_dir = su.export_dir()
+    base = version_dir.parent
+    assert version_dir.name == "1"
+    assert (version_dir / "saved_model.pb").is_file()
+    assert (version_dir / "variables").is_dir()
+    assert sorted(p.name for p in (version_dir / "tflite").iterdir()) == [
+        "dynamic.tflite",
+        "float16.tflite",
+        "float32.tflite",
+    ]
+    assert not [p for p in base.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+    config = text_format.Parse(
+        (base / export.MODELS_CONFIG).read_text(), model_server_config_pb2.ModelServerConfig()
+    )
+    (model,) = config.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == ("qn", "/models/qn", "tensorflow")
+    assert model.model_version_policy.latest.num_versions == 1
+
+    batching = (base / export.BATCHING_FILE).read_text()
+    keys = {line.split()[0].rstrip(":") for line in batching.splitlines() if line.strip()}
+    assert keys == {
+        "max_batch_size",
+        "batch_timeout_micros",
+        "max_enqueued_batches",
+        "num_batch_threads",
+        "allowed_batch_sizes",
+        "pad_variable_length_inputs",
+    }
+    assert "pad_variable_length_inputs: true" in batching
+
+
+def test_only_stock_ops():
+    ops = export.saved_model_ops(su.export_dir())
+    assert {"RFFT", "DecodeRaw", "Substr", "Conv2D", "ReduceJoin"} <= ops  # graph is all there
+    assert ops <= export.STOCK_OPS, sorted(ops - export.STOCK_OPS)
+    assert not [
+        op for op in ops if ">" in op
+    ]  # tensorflow-io / addons ops are "IO>...", "Addons>..."
+    # Every allowlisted op is a core TensorFlow op (tf.raw_ops lists core ops only).
+    assert [op for op in export.STOCK_OPS if not hasattr(tf.raw_ops, op)] == []
+
+
+def test_signatures_match_keras():
+    loaded = su.loaded_export()
+    assert set(loaded.signatures) == {"serving_default", "transcribe_wav"}
+    batch, lengths = su.pad(su.sample_waveforms())
+    ref_logprobs, ref_lengths = su.keras_reference()(batch, lengths)
+    out = loaded.signatures["serving_default"](
+        waveform=tf.constant(batch), lengths=tf.constant(lengths)
+    )
+    np.testing.assert_array_equal(out["logprob_lengths"].numpy(), ref_lengths)
+    for b, n in enumerate(ref_lengths):
+        np.testing.assert_allclose(out["logprobs"][b, :n], ref_logprobs[b, :n], atol=1e-4)
+    transcripts = [t.decode() for t in out["transcripts"].numpy()]
+    assert transcripts == su.greedy_texts(ref_logprobs, ref_lengths)
+    assert len(set(transcripts)) > 1  # the random model does say different things
+
+
+def test_transcribe_wav_any_pcm_width_rate_and_channels():
+    """In-graph WAV parsing + resampling vs decode_audio (soundfile + scipy) then
+    serving_default, for one batch of differently encoded files of different lengths."""
+    from qn_keras.audio import decode_audio
+
+    loaded = su.loaded_export()
+    cases = [
+        ("PCM_U8", 8000, 1),
+        ("PCM_16", 16000, 1),
+        ("PCM_24", 44100, 2),
+        ("PCM_32", 22050, 2),
+        ("FLOAT", 48000, 1),
+        ("DOUBLE", 16000, 2),
+    ]
+    from scipy.signal import resample_poly
+
+    files = []
+    for i, (subtype, rate, channels) in enumerate(cases):
+        wave = su.sample_waveforms()[i]
+        native = resample_poly(wave, rate, 16000) if rate != 16000 else wave
+        audio = np.stack([native, 0.5 * native], axis=1)[:, :channels]
+        files.append(su.wav_file_bytes(np.clip(audio, -1, 1), rate, subtype))
+    decoded = [decode_audio(f) for f in files]
+    batch, lengths = su.pad(decoded)
+    ref = loaded.signatures["serving_default"](
+        waveform=tf.constant(batch), lengths=tf.constant(lengths)
+    )
+    out = loaded.signatures["transcribe_wav"](wav_bytes=tf.constant(files))
+    np.testing.assert_array_equal(out["logprob_lengths"], ref["logprob_lengths"])
+    # The resampler reproduces scipy's resample_poly to ~1e-7 on the waveform.
+    for b, n in enumerate(ref["logprob_lengths"].numpy()):
+        np.testing.assert_allclose(out["logprobs"][b, :n], ref["logprobs"][b, :n], atol=1e-4)
+    np.testing.assert_array_equal(out["transcripts"], ref["transcripts"])
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"not a wav file at all", r"wav_bytes\[1\]: audio is not a WAV file"),
+        ("ulaw", "unsupported WAV encoding"),
+        ("short", "too short to transcribe"),
+    ],
+)
+def test_transcribe_wav_rejects_bad_audio(payload, message):
+    loaded = su.loaded_export()
+    good = su.wav_file_bytes(su.sample_waveforms()[0], 16000, "PCM_16")
+    if payload == "ulaw":
+        payload = su.wav_file_bytes(su.sample_waveforms()[0], 16000, "ULAW")
+    elif payload == "short":
+        payload = su.wav_file_bytes(np.zeros(100, np.float32), 16000, "PCM_16")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        loaded.signatures["transcribe_wav"](wav_bytes=tf.constant([good, payload]))
+
+
+def test_warmup_requests_replay():
+    requests = export.read_warmup_file(su.export_dir() / "assets.extra" / export.WARMUP_FILE)
+    assert [r.model_spec.signature_name for r in requests] == ["serving_default", "transcribe_wav"]
+    loaded = su.loaded_export()
+    for request in requests:
+        assert request.model_spec.name == su.MODEL_NAME
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        out = loaded.signatures[request.model_spec.signature_name](**inputs)
+        assert out["logprobs"].shape[0] == len(next(iter(inputs.values())))
+
+
+@pytest.mark.parametrize("mode, atol", [("float32", 1e-4), ("float16", 1e-2), ("dynamic", 1e-2)])
+def test_tflite_matches_keras(mode, atol):
+    runner = TFLiteRecognizer(su.export_dir() / "tflite" / f"{mode}.tflite", num_threads=2)
+    reference = su.keras_reference()
+    mismatched = 0
+    for waveform in su.sample_waveforms():
+        ref_logprobs, ref_lengths = reference(waveform[None, :], np.array([len(waveform)]))
+        logprobs = runner.logprobs(waveform)
+        assert logprobs.shape == ref_logprobs[0].shape
+        np.testing.assert_allclose(logprobs, ref_logprobs[0], atol=atol)
+        mismatched += su.greedy_texts(logprobs[None], ref_lengths) != su.greedy_texts(
+            ref_logprobs, ref_lengths
+        )
+    assert mismatched == 0
+
+
+def test_versions_are_never_overwritten(tmp_path):
+    bundle = su.tiny_bundle()
+    (tmp_path / "qn" / "4").mkdir(parents=True)  # an existing version, say a previous export
+    with pytest.raises(FileExistsError, match="Version 4 already exists"):
+        export.export_model(bundle, tmp_path, "qn", version=4, warmup=False)
+    with pytest.raises(ValueError, match="Model name"):
+        export.export_model(bundle, tmp_path, "../evil", warmup=False)
+    with pytest.raises(ValueError, match="Unknown TFLite mode"):
+        export.export_model(bundle, tmp_path, "qn", tflite_modes=("int4",))
+    assert export.existing_versions(tmp_path / "qn") == [4]  # nothing half-written
