@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--labels", default=None, metavar="FILE", help="label set file (default: NeMo English)"
     )
     parser.add_argument(
+        "--featurize-threads",
+        type=int,
+        default=0,
+        help="threads decoding and featurizing in each worker (0: one per CPU core)",
+    )
+    parser.add_argument(
         "--intra-op-threads",
         type=int,
         default=0,

@@ -5,22 +5,23 @@ import json
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to, is_not_empty
 from pipeline_utils import tone, write_manifest, write_wav
 
-from pipeline.features_job import FeatureJobConfig, parse_rates
+from pipeline.features_job import FeatureJobConfig, make_pipeline, parse_rates
 from pipeline.stats import CountByReasonFn, DatasetStatsFn
 from pipeline.transforms import (
     FAILED,
-    DecodeAudioFn,
+    DecodeAndFeaturizeFn,
     Decoded,
-    FeaturizeFn,
     FeaturizeUtterances,
     ReadManifests,
-    SpeedPerturbFn,
     TokenizeFn,
     Transcribed,
+    decode_utterance,
+    speed_perturbed_copies,
     to_tf_example,
 )
 from qn_keras.data import Utterance, schema
@@ -31,7 +32,7 @@ RUNNER = "FnApiRunner"  # DirectRunner would first try to download the Prism run
 
 
 def _pipeline():
-    return TestPipeline(runner=RUNNER)
+    return BeamTestPipeline(runner=RUNNER)
 
 
 def _utt(utt_id, path="/nowhere.wav", text="hello"):
@@ -58,22 +59,9 @@ def test_read_manifests_splits_good_and_bad_lines(tmp_path):
         assert_that(bad, equal_to([(f"{m1}:3", "bad_manifest_line")]), label="CheckBad")
 
 
-def test_tokenize_decode_and_speed_perturb(tmp_path):
+def test_tokenize():
     tok = CharTokenizer()
     utts = [_utt("a", text="Hello, World"), _utt("b", text="Room 7")]
-    good = write_wav(tmp_path / "g8k.wav", tone(1.0, rate=8000), rate=8000)
-    long = write_wav(tmp_path / "long.wav", tone(3.0))
-    transcribed = [
-        Transcribed(_utt("g8k", good), "a", (1,)),
-        Transcribed(_utt("long", long), "a", (1,)),
-        Transcribed(_utt("gone", str(tmp_path / "gone.wav")), "a", (1,)),
-    ]
-    item = Decoded("u", _utt("u"), "a", (1,), tone(1.0))
-    tiny = Decoded("t", _utt("t"), "a", (1,), tone(1.0)[:330])
-
-    def ids_and_reasons(out, label):
-        return out[FAILED] | f"Reasons{label}" >> beam.Map(lambda f: (f["utt_id"], f["reason"]))
-
     with _pipeline() as p:
         for oov in ("drop", "reject"):
             out = (
@@ -87,54 +75,46 @@ def test_tokenize_decode_and_speed_perturb(tmp_path):
             if oov == "drop":
                 expected.append(("b", "room", tuple(tok.encode("room"))))
             assert_that(texts, equal_to(expected), label=f"CheckTexts{oov}")
+            reasons = out[FAILED] | f"Reasons{oov}" >> beam.Map(
+                lambda f: (f["utt_id"], f["reason"])
+            )
             assert_that(
-                ids_and_reasons(out, oov),
+                reasons,
                 equal_to([("b", "oov_transcript")] if oov == "reject" else []),
                 label=f"CheckOov{oov}",
             )
 
-        decoded = (
-            p
-            | "Transcribed" >> beam.Create(transcribed)
-            | "Decode" >> beam.ParDo(DecodeAudioFn(16000, 320, 2.0)).with_outputs(FAILED, main="ok")
-        )
-        assert_that(
-            decoded.ok | "Len" >> beam.Map(lambda d: (d.utt_id, d.num_samples)),
-            equal_to([("g8k", 16000)]),  # 8 kHz resampled to 16 kHz
-            label="CheckDecoded",
-        )
-        assert_that(
-            ids_and_reasons(decoded, "Decode"),
-            equal_to([("long", "too_long"), ("gone", "missing_file")]),
-            label="CheckDecodeFailures",
-        )
 
-        perturbed = (
-            p
-            | "Waveforms" >> beam.Create([item, tiny])
-            | "Perturb"
-            >> beam.ParDo(SpeedPerturbFn([0.9, 1.0, 1.1], 16000, 320)).with_outputs(
-                FAILED, main="ok"
-            )
-        )
-        lengths = perturbed.ok | "Lens" >> beam.Map(lambda d: (d.utt_id, d.num_samples, d.speed))
-        # Speed r resamples from r*16 kHz to 16 kHz: ceil(n / r) samples.
-        expected = [("u", 16000, 1.0), ("u_sp0.9", 17778, 0.9), ("u_sp1.1", 14546, 1.1)]
-        expected += [("t", 330, 1.0), ("t_sp0.9", 367, 0.9)]
-        assert_that(lengths, equal_to(expected), label="CheckPerturbed")
-        assert_that(
-            ids_and_reasons(perturbed, "Perturb"),
-            equal_to([("t_sp1.1", "too_short")]),
-            label="CheckPerturbFailures",
-        )
+def test_decode_and_speed_perturb_steps(tmp_path):
+    good = write_wav(tmp_path / "g8k.wav", tone(1.0, rate=8000), rate=8000)
+    long = write_wav(tmp_path / "long.wav", tone(3.0))
+    decoded = decode_utterance(Transcribed(_utt("g8k", good), "a", (1,)), 16000, 320, 2.0)
+    assert decoded.num_samples == 16000  # 8 kHz resampled to 16 kHz
+    too_long = decode_utterance(Transcribed(_utt("long", long), "a", (1,)), 16000, 320, 2.0)
+    assert too_long["reason"] == "too_long" and too_long["utt_id"] == "long"
+    gone = decode_utterance(Transcribed(_utt("gone", str(tmp_path / "x.wav")), "a", ()), 16000, 320)
+    assert gone["reason"] == "missing_file" and "x.wav" in gone["message"]
+
+    item = Decoded("u", _utt("u"), "a", (1,), tone(1.0))
+    copies = speed_perturbed_copies(item, [0.9, 1.0, 1.1], 16000, 320)
+    # Speed r resamples from r*16 kHz to 16 kHz: ceil(n / r) samples.
+    assert [(c.utt_id, c.num_samples, c.speed) for c in copies] == [
+        ("u", 16000, 1.0),
+        ("u_sp0.9", 17778, 0.9),
+        ("u_sp1.1", 14546, 1.1),
+    ]
+    tiny = Decoded("t", _utt("t"), "a", (1,), tone(1.0)[:330])
+    kept, short = speed_perturbed_copies(tiny, [1.1], 16000, 320)
+    assert kept is tiny and (short["utt_id"], short["reason"]) == ("t_sp1.1", "too_short")
 
 
-def test_featurize_serialize_and_composite(tmp_path):
+def test_decode_and_featurize_batches_and_composite(tmp_path):
     config = FeaturizerConfig(era="current")
     waves = {f"u{i}": tone(0.4 + 0.2 * i, seed=i) for i in range(3)}
-    items = [Decoded(k, _utt(k), "hi", (8, 9), w) for k, w in waves.items()]
-    good = write_wav(tmp_path / "g.wav", tone(1.0))
-    utts = [_utt("g", good, "Good one"), _utt("bad", str(tmp_path / "x.wav"))]
+    paths = {k: write_wav(tmp_path / f"{k}.wav", w, subtype="FLOAT") for k, w in waves.items()}
+    batch = [Transcribed(_utt(k, paths[k]), "hi", (8, 9)) for k in waves]
+    batch.append(Transcribed(_utt("gone", str(tmp_path / "gone.wav")), "hi", (8, 9)))
+    utts = [_utt("g", paths["u2"], "Good one"), _utt("bad", str(tmp_path / "x.wav"))]
     legacy = FeaturizerConfig(era="legacy")
 
     def check(blob):
@@ -147,15 +127,18 @@ def test_featurize_serialize_and_composite(tmp_path):
     with _pipeline() as p:
         out = (
             p
-            | "Decoded" >> beam.Create(items)
+            | "Batches" >> beam.Create([batch[:2], batch[2:]])
             | "Featurize"
-            >> beam.ParDo(FeaturizeFn(config.to_dict())).with_outputs(FAILED, main="ok")
+            >> beam.ParDo(DecodeAndFeaturizeFn(config.to_dict(), threads=2)).with_outputs(
+                FAILED, main="ok"
+            )
         )
         checked = out.ok | "Serialize" >> beam.Map(to_tf_example) | "Check" >> beam.Map(check)
         assert_that(
             checked, equal_to([("u0", 40, 0.4), ("u1", 60, 0.6), ("u2", 80, 0.8)]), label="Feats"
         )
-        assert_that(out[FAILED], equal_to([]), label="NoFailures")
+        failed = out[FAILED] | "Failed" >> beam.Map(lambda f: (f["utt_id"], f["reason"]))
+        assert_that(failed, equal_to([("gone", "missing_file")]), label="Failures")
 
         composite = (
             p
@@ -165,9 +148,9 @@ def test_featurize_serialize_and_composite(tmp_path):
         frames = composite["featurized"] | "Frames" >> beam.Map(
             lambda f: (f.utt_id, f.num_frames, f.text)
         )
-        # legacy era: L // 160 + 1 frames
+        # legacy era: L // 160 + 1 frames; 0.8 s = 12800 samples, at speed 1.1: 11637
         assert_that(
-            frames, equal_to([("g", 101, "good one"), ("g_sp1.1", 91, "good one")]), label="Comp"
+            frames, equal_to([("g", 81, "good one"), ("g_sp1.1", 73, "good one")]), label="Comp"
         )
         assert_that(
             composite[FAILED] | "R" >> beam.Map(lambda f: f["reason"]),
@@ -221,3 +204,7 @@ def test_job_config_validation():
         FeatureJobConfig(["m.json"], "out", speed_perturb=(3.0,))
     with pytest.raises(ValueError, match="At least one manifest"):
         FeatureJobConfig([], "out")
+    # Beam 2.77's multi-threaded local runner was seen dropping records before the shards.
+    with pytest.raises(ValueError, match="multi_processing"):
+        make_pipeline(PipelineOptions(["--direct_running_mode=multi_threading"]))
+    assert make_pipeline(PipelineOptions([])).options.view_as(StandardOptions).runner == RUNNER

@@ -24,9 +24,10 @@ class CompiledFeaturizer:
     def __init__(self, config: FeaturizerConfig | None = None):
         self.config = config or FeaturizerConfig()
         self.layer = LogMelSpectrogram(**self.config.to_dict())
-        self._function = tf.function(
-            self._featurize,
-            input_signature=[tf.TensorSpec([None], tf.float32)],
+        # Calling the concrete function skips tf.function's per-call signature matching, which
+        # costs about as much as featurizing a short utterance.
+        self._function = tf.function(self._featurize).get_concrete_function(
+            tf.TensorSpec([None], tf.float32)
         )
 
     def _featurize(self, waveform):
@@ -39,4 +40,4 @@ class CompiledFeaturizer:
         if waveform.ndim != 1:
             raise ValueError(f"Expected a 1-D mono waveform; received shape {waveform.shape}.")
         check_audio_length(len(waveform), self.config)
-        return self._function(waveform).numpy()
+        return self._function(tf.constant(waveform)).numpy()
