@@ -661,6 +661,7 @@ class Trainer:
         stopped_reason = "epochs"
         last_checkpoint_step = start_step if self._resuming else None
         timed_steps = 0
+        step_times = []  # (seconds, utterances, frames) of each timed step
         window_losses = []
         bar = None
 
@@ -744,7 +745,8 @@ class Trainer:
                     timed_steps += 1
                     # The first call of a step function traces it; throughput excludes it.
                     if timed_steps > 1:
-                        train_seconds += time.monotonic() - t0
+                        step_times.append((time.monotonic() - t0, count, frames))
+                        train_seconds += step_times[-1][0]
                         utterances += count
                         audio_frames += frames
                     self.batch_var.assign(batch_index)
@@ -821,6 +823,7 @@ class Trainer:
             train_seconds,
             utterances,
             audio_frames,
+            step_times,
         )
         if self.is_chief:
             _write_json(self.out_dir / HISTORY_FILE, history)
@@ -927,9 +930,21 @@ class Trainer:
         return path
 
     def _report(
-        self, history, best, final, step, start_step, reason, elapsed, train_seconds, utts, frames
+        self,
+        history,
+        best,
+        final,
+        step,
+        start_step,
+        reason,
+        elapsed,
+        train_seconds,
+        utts,
+        frames,
+        step_times,
     ):
         stride = self.featurizer.window_stride
+        per_step = np.array(step_times, dtype=np.float64).reshape(-1, 3)
         return {
             "config": self.config.to_dict(),
             "architecture": {
@@ -968,6 +983,17 @@ class Trainer:
             "throughput": {
                 "utterances_per_s": utts / train_seconds if train_seconds else None,
                 "audio_seconds_per_s": frames * stride / train_seconds if train_seconds else None,
+                # Per-step medians (the first step of a run traces the graph and is left out).
+                "timed_steps": len(per_step),
+                "median_step_s": float(np.median(per_step[:, 0])) if len(per_step) else None,
+                "median_utterances_per_s": float(np.median(per_step[:, 1] / per_step[:, 0]))
+                if len(per_step)
+                else None,
+                "median_audio_seconds_per_s": float(
+                    np.median(per_step[:, 2] * stride / per_step[:, 0])
+                )
+                if len(per_step)
+                else None,
             },
             "final": final,
             "best": best,
