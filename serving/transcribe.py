@@ -52,6 +52,9 @@ class AudioItem:
     duration: float | None = None
     text: str | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
 
 @dataclasses.dataclass(frozen=True)
 class TranscribeOptions:

@@ -101,9 +101,9 @@ def decode_wav(contents: tf.Tensor, label: tf.Tensor | None = None) -> tuple[tf.
     with tf.control_dependencies([header_ok]):
         fmt_pos, fmt_size, data_pos, data_size = _find_chunks(contents)
     chunks_ok = [
-        _check(fmt_pos >= 0, "WAV file has no 'fmt ' chunk", label),
-        _check(data_pos >= 0, "WAV file has no 'data' chunk", label),
-        _check(fmt_size >= 16, "WAV 'fmt ' chunk is shorter than 16 bytes", label),
+        _check(fmt_pos >= 0, "WAV file has no fmt chunk", label),
+        _check(data_pos >= 0, "WAV file has no data chunk", label),
+        _check(fmt_size >= 16, "WAV fmt chunk is shorter than 16 bytes", label),
     ]
     with tf.control_dependencies(chunks_ok):
         format_tag = _read_uint(contents, fmt_pos, 2)
