@@ -102,6 +102,7 @@ def test_parse_duration_rejects(text):
         ({"search": {"objective": "val_cer"}}, "search.objective"),
         ({"search": {"time_budget": "soon"}}, "duration"),
         ({"search": {"colour": 1}}, "Unknown key.*colour"),
+        ({"search": {"tuner": "random", "max_trials": None}}, "never ends"),
         ({"constraints": {"max_params": 0}}, "max_params"),
         ({"train": {"model": {"preset": "quartznet_5x5"}}}, "train.model"),
         ({"train": {"optimizer": {"learning_rate": -1}}}, "learning_rate"),

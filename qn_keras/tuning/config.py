@@ -170,6 +170,10 @@ class SearchConfig:
             raise ConfigError(f"search.max_trials must be >= 1. Received: {self.max_trials}")
         if self.time_budget is not None:
             parse_duration(self.time_budget)
+        elif self.max_trials is None and self.tuner != "hyperband":
+            raise ConfigError(
+                f"search: a {self.tuner} search needs max_trials or time_budget, or it never ends."
+            )
         hb = self.hyperband
         if hb.max_epochs < 1 or hb.factor < 2 or hb.iterations < 1:
             raise ConfigError(
