@@ -61,6 +61,7 @@ HISTORY_FILE = "history.json"
 REPORT_FILE = "training_report.json"
 CURVES_FILE = "curves.png"
 MODEL_DIR = "model"
+FEATURIZER_ARRAYS_FILE = "featurizer_arrays.npz"
 # Config keys that may change between a killed run and its restart (how long to go on).
 RESTART_KEYS = {
     "training": (
@@ -214,6 +215,9 @@ class _Init:
     model: tf.keras.Model | None = None
     checkpoint: str | None = None
     description: str = ""
+    # An imported model's own front-end arrays (ModelBundle.filterbank / window), kept in the
+    # exported model folder.
+    featurizer_arrays: dict = dataclasses.field(default_factory=dict)
 
 
 def load_initialization(path) -> _Init:
@@ -230,6 +234,11 @@ def load_initialization(path) -> _Init:
             featurizer=bundle.featurizer.to_dict(),
             model=bundle.model,
             description=f"model folder {path}",
+            featurizer_arrays={
+                k: getattr(bundle, k)
+                for k in ("filterbank", "window")
+                if getattr(bundle, k, None) is not None
+            },
         )
     checkpoint = _find_checkpoint(path)
     run_file = next(
@@ -407,6 +416,8 @@ class Trainer:
                     f"{self.out_dir} holds a run with a different config; restart it with the "
                     "same config (only run-length settings may change) or use a new --out."
                 )
+            if init_from:
+                self._say(f"Resuming {self.out_dir}: --init {init_from} is not used again.")
             self.init = None
             architecture = previous_run["architecture"]
             labels = tuple(previous_run["labels"])
@@ -416,6 +427,7 @@ class Trainer:
             architecture, labels, featurizer = self._resolve_model_setup()
         self.tokenizer = CharTokenizer(labels)
         self.featurizer = FeaturizerConfig.from_dict(featurizer)
+        self.featurizer_arrays = self._featurizer_arrays(resuming)
         self.architecture = _architecture_with_vocabulary(
             architecture, self.tokenizer.vocabulary_size
         )
@@ -446,6 +458,24 @@ class Trainer:
                 },
             )
         self._resuming = resuming
+
+    def _featurizer_arrays(self, resuming: bool) -> dict:
+        """The initial model's own filterbank/window, saved beside the run for resuming."""
+        path = self.out_dir / FEATURIZER_ARRAYS_FILE
+        if not resuming:
+            arrays = dict(self.init.featurizer_arrays) if self.init is not None else {}
+            if self.is_chief:
+                if arrays:
+                    tmp = path.with_name(path.stem + ".tmp.npz")
+                    np.savez(tmp, **arrays)
+                    os.replace(tmp, path)
+                elif path.exists():
+                    path.unlink()
+            return arrays
+        if path.exists():
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        return {}
 
     def _resolve_model_setup(self):
         config = self.config
@@ -892,7 +922,11 @@ class Trainer:
 
     def _bundle(self, model, metadata) -> ModelBundle:
         return ModelBundle(
-            model=model, tokenizer=self.tokenizer, featurizer=self.featurizer, metadata=metadata
+            model=model,
+            tokenizer=self.tokenizer,
+            featurizer=self.featurizer,
+            metadata=metadata,
+            **self.featurizer_arrays,
         )
 
     def _save_best(self, entry):
@@ -948,7 +982,7 @@ class Trainer:
         return {
             "config": self.config.to_dict(),
             "architecture": {
-                "params": int(self.model.count_params()),
+                "params": int(sum(np.prod(w.shape) for w in self.model.trainable_weights)),
                 "blocks": len(self.architecture.get("stackwise_filters", [])),
             },
             "labels": list(self.tokenizer.labels),
