@@ -185,6 +185,22 @@ def weight_tensors(model_path_or_bytes) -> list[dict]:
     return out
 
 
+def tensor_elements(model_path_or_bytes, dtype: str, constant: bool = False) -> int:
+    """Elements in the model's tensors of ``dtype`` (``constant``: only those holding data)."""
+    interpreter = _interpreter(model_path_or_bytes)
+    total = 0
+    for detail in interpreter.get_tensor_details():
+        if np.dtype(detail["dtype"]).name != dtype:
+            continue
+        if constant:
+            try:
+                interpreter.get_tensor(detail["index"])
+            except ValueError:
+                continue
+        total += int(np.prod(detail["shape"]))
+    return total
+
+
 def _interpreter(model_path_or_bytes):
     if isinstance(model_path_or_bytes, bytes | bytearray):
         return tf.lite.Interpreter(model_content=bytes(model_path_or_bytes))
