@@ -59,7 +59,7 @@ def test_read_manifests_splits_good_and_bad_lines(tmp_path):
         assert_that(bad, equal_to([(f"{m1}:3", "bad_manifest_line")]), label="CheckBad")
 
 
-def test_tokenize():
+def test_tokenize_and_dataset_stats():
     tok = CharTokenizer()
     utts = [_utt("a", text="Hello, World"), _utt("b", text="Room 7")]
     with _pipeline() as p:
@@ -83,6 +83,38 @@ def test_tokenize():
                 equal_to([("b", "oov_transcript")] if oov == "reject" else []),
                 label=f"CheckOov{oov}",
             )
+
+        stats = (
+            p
+            | "Items" >> beam.Create([(120, 1.2, 1.0), (40, 0.4, 1.0), (133, 1.33, 1.1)])
+            | beam.CombineGlobally(DatasetStatsFn())
+        )
+
+        def check(s):
+            assert s["num_utterances"] == 3 and s["num_source_utterances"] == 2
+            assert s["hours"] == pytest.approx(2.93 / 3600)
+            assert s["source_hours"] == pytest.approx(1.6 / 3600)
+            assert (s["min_frames"], s["max_frames"], s["total_frames"]) == (40, 133, 293)
+            assert s["length_histogram"]["counts"] == [1, 0, 2]
+            return True
+
+        assert_that(stats | beam.Map(check), equal_to([True]))
+        empty = (
+            p | "None" >> beam.Create([]) | "EmptyStats" >> beam.CombineGlobally(DatasetStatsFn())
+        )
+        assert_that(
+            empty | "N" >> beam.Map(lambda s: s["num_utterances"]),
+            equal_to([0]),
+            label="CheckEmpty",
+        )
+        counts = (
+            p
+            | "Failures" >> beam.Create([{"reason": "b"}, {"reason": "a"}, {"reason": "b"}])
+            | "Count" >> beam.CombineGlobally(CountByReasonFn())
+            | "Json" >> beam.Map(json.dumps)
+        )
+        assert_that(counts, equal_to(['{"a": 1, "b": 2}']), label="CheckCounts")
+        assert_that(counts, is_not_empty(), label="NotEmpty")
 
 
 def test_decode_and_speed_perturb_steps(tmp_path):
@@ -157,41 +189,6 @@ def test_decode_and_featurize_batches_and_composite(tmp_path):
             equal_to(["missing_file"]),
             label="CompFailures",
         )
-
-
-def test_stats_combiners():
-    with _pipeline() as p:
-        stats = (
-            p
-            | "Items" >> beam.Create([(120, 1.2, 1.0), (40, 0.4, 1.0), (133, 1.33, 1.1)])
-            | beam.CombineGlobally(DatasetStatsFn())
-        )
-
-        def check(s):
-            assert s["num_utterances"] == 3 and s["num_source_utterances"] == 2
-            assert s["hours"] == pytest.approx(2.93 / 3600)
-            assert s["source_hours"] == pytest.approx(1.6 / 3600)
-            assert (s["min_frames"], s["max_frames"], s["total_frames"]) == (40, 133, 293)
-            assert s["length_histogram"]["counts"] == [1, 0, 2]
-            return True
-
-        assert_that(stats | beam.Map(check), equal_to([True]))
-        empty = (
-            p | "None" >> beam.Create([]) | "EmptyStats" >> beam.CombineGlobally(DatasetStatsFn())
-        )
-        assert_that(
-            empty | "N" >> beam.Map(lambda s: s["num_utterances"]),
-            equal_to([0]),
-            label="CheckEmpty",
-        )
-        counts = (
-            p
-            | "Failures" >> beam.Create([{"reason": "b"}, {"reason": "a"}, {"reason": "b"}])
-            | "Count" >> beam.CombineGlobally(CountByReasonFn())
-            | "Json" >> beam.Map(json.dumps)
-        )
-        assert_that(counts, equal_to(['{"a": 1, "b": 2}']), label="CheckCounts")
-        assert_that(counts, is_not_empty(), label="NotEmpty")
 
 
 def test_job_config_validation():

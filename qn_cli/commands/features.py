@@ -1,10 +1,11 @@
 """`qn features`: the Beam feature job, manifests to sharded TFRecords of log-mel features.
 
 Flags this command does not know go to Beam's PipelineOptions. Without --runner it runs
-locally; two worker processes on a 2-core machine:
+locally, decoding and featurizing on one thread per CPU core (--featurize-threads). Several
+worker processes (each imports TensorFlow first, ~6 s of CPU: worth it for hours of audio):
 
     qn features --manifest train.json --out feats/train \\
-        --direct_num_workers 2 --direct_running_mode multi_processing
+        --direct_num_workers 2 --direct_running_mode multi_processing --featurize-threads 1
 
 On Dataflow (ship the package to the workers with setup.py):
 
