@@ -70,6 +70,30 @@ def test_config_errors_name_the_problem(data, message):
     assert message in str(info.value)
 
 
+def test_model_section_errors_without_building_a_model():
+    from qn_keras.training.config import ModelConfig
+    from qn_keras.training.trainer import architecture_from_config
+
+    arch = architecture_from_config(ModelConfig(preset="quartznet_15x5"))
+    assert len(arch["stackwise_filters"]) == 18 and arch["name"] == "quartznet_15x5"
+    with pytest.raises(ConfigError, match=r"unknown model argument\(s\) \['stackwise_filterz'\]"):
+        architecture_from_config(ModelConfig(overrides={"stackwise_filterz": [1]}))
+    with pytest.raises(ConfigError, match="one entry per block"):
+        architecture_from_config(
+            ModelConfig(
+                preset=None, blocks={"stackwise_filters": [8, 8], "stackwise_kernel_sizes": [3]}
+            )
+        )
+
+
+def test_early_stopping_counts_validations_without_improvement():
+    from qn_keras.training.trainer import validations_without_improvement
+
+    assert validations_without_improvement([0.9, 0.5, 0.6, 0.55]) == 2
+    assert validations_without_improvement([0.9, 0.5, 0.49], min_delta=0.02) == 1
+    assert validations_without_improvement([0.9, 0.8, 0.7]) == 0
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -303,6 +303,17 @@ def architecture_from_config(model_cfg) -> dict:
     return {**others, **blocks}
 
 
+def validations_without_improvement(wers, min_delta: float = 0.0) -> int:
+    """Validations since the last one that beat every earlier WER by more than ``min_delta``."""
+    since, best = 0, math.inf
+    for wer in wers:
+        if wer < best - min_delta:
+            best, since = wer, 0
+        else:
+            since += 1
+    return since
+
+
 def copy_weights(source: tf.keras.Model, target: tf.keras.Model, skip=()) -> list[str]:
     """Copies weights layer by layer (matched by name) except layers in ``skip``; returns the
     copied layer names. ValueError when a layer is missing or its weights differ in shape."""
@@ -890,17 +901,10 @@ class Trainer:
         cfg = self.config.training
         if not cfg.early_stopping_patience or best is None:
             return False
-        val = history["val"]
-        # Validations since the last one that beat the best before it by min_delta.
-        since = 0
-        running = math.inf
-        for entry in val:
-            if entry["wer"] < running - cfg.early_stopping_min_delta:
-                running = entry["wer"]
-                since = 0
-            else:
-                since += 1
-        return self._agree(since >= cfg.early_stopping_patience)
+        stale = validations_without_improvement(
+            [entry["wer"] for entry in history["val"]], cfg.early_stopping_min_delta
+        )
+        return self._agree(stale >= cfg.early_stopping_patience)
 
     # ----------------------------------------------------------------------------- io
 
