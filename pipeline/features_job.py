@@ -396,5 +396,6 @@ def run(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    logging.getLogger().setLevel(logging.INFO)
+    logging.basicConfig(level=logging.WARNING)
+    logger.setLevel(logging.INFO)
     run()
