@@ -104,17 +104,23 @@ def write_markdown(path, rows: list[dict], summary: dict):
     lines = [
         f"# Architecture search: {summary.get('tuner')} on {summary.get('objective')}",
         "",
-        f"Trials: {summary.get('counts')}. Search time: "
+        "Trials: "
+        + (
+            ", ".join(f"{n} {status}" for status, n in (summary.get("counts") or {}).items())
+            or "none"
+        )
+        + ". Search time: "
         f"{_fmt(summary.get('elapsed_seconds'), '.0f')} s. Best: trial "
         f"{summary.get('best_trial_id') or '-'}.",
         "",
         "Speed is seconds of audio per second for a batch-1 CPU forward pass of the model "
         "(featurizer excluded); latency its inverse in ms per second of audio. "
+        "Epochs: the trial's budget; steps: optimizer steps it trained. "
         "P = on the Pareto front of WER vs parameters, L = of WER vs latency.",
         "",
-        "| rank | trial | architecture | lr | dropout | epochs | params | MMAC/s audio "
+        "| rank | trial | architecture | lr | dropout | epochs | steps | params | MMAC/s audio "
         "| speed (x) | latency ms/s | val WER | val loss | status | front |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         hp = row.get("hyperparameters", {})
@@ -135,6 +141,7 @@ def write_markdown(path, rows: list[dict], summary: dict):
                     _fmt(hp.get("learning_rate"), ".4g"),
                     _fmt(hp.get("dropout"), ".2f"),
                     _fmt(row.get("epochs"), "d"),
+                    _fmt(row.get("steps"), "d"),
                     _fmt(row.get("params"), ",d"),
                     _fmt(macs / 1e6 if isinstance(macs, int | float) else None, ",.1f"),
                     _fmt(row.get("speed"), ".1f"),
