@@ -206,7 +206,7 @@ def write_plot(path, rows: list[dict], title: str = "") -> bool:
         ax.set_xlabel(label)
         ax.set_ylabel("validation WER (%)")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper right")
+        ax.legend(loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
