@@ -46,15 +46,18 @@ def test_read_manifests_splits_good_and_bad_lines(tmp_path):
         ('{"broken": ',),
     )
     m2 = write_manifest(tmp_path / "b.json", [{"audio_filepath": "z.wav", "text": "three"}])
+    chapter = tmp_path / "libri" / "19" / "198"
+    chapter.mkdir(parents=True)
+    (chapter / "19-198.trans.txt").write_text("19-198-0000 HELLO THERE\n")
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text("path\ttranscript\nclips/t.wav\tfour\n")
     with _pipeline() as p:
-        read = p | ReadManifests([m1, m2])
+        read = p | ReadManifests([m1, m2, str(tmp_path / "libri"), str(tsv)])
         ids = read["utterances"] | "Ids" >> beam.Map(lambda u: (u.utt_id, u.audio_filepath))
-        assert_that(
-            ids,
-            equal_to(
-                [("x", str(tmp_path / "x.wav")), ("y", "/y.wav"), ("z", str(tmp_path / "z.wav"))]
-            ),
-        )
+        expected = [("x", str(tmp_path / "x.wav")), ("y", "/y.wav"), ("z", str(tmp_path / "z.wav"))]
+        expected += [("19-198-0000", str(chapter / "19-198-0000.flac"))]
+        expected += [("t", str(tmp_path / "clips" / "t.wav"))]
+        assert_that(ids, equal_to(expected))
         bad = read[FAILED] | "Bad" >> beam.Map(lambda f: (f["source"], f["reason"]))
         assert_that(bad, equal_to([(f"{m1}:3", "bad_manifest_line")]), label="CheckBad")
 
