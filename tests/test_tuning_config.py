@@ -107,6 +107,7 @@ def test_parse_duration_rejects(text):
         ({"train": {"model": {"preset": "quartznet_5x5"}}}, "train.model"),
         ({"train": {"optimizer": {"learning_rate": -1}}}, "learning_rate"),
         ({"tuning": {}}, "Unknown section"),
+        ({"optimizer": {}, "training": {}}, "qn train. config: put its sections"),
     ],
 )
 def test_bad_config_names_the_problem(data, match):

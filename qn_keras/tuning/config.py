@@ -241,7 +241,14 @@ class TuneConfig:
         known = ("space", "search", "constraints", "train")
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ConfigError(f"Unknown section(s) {unknown}. Known sections: {list(known)}")
+            train_sections = {f.name for f in dataclasses.fields(TrainConfig)}
+            hint = (
+                " It looks like a `qn train` config: put its sections (without `model`) under "
+                "`train:`."
+                if set(unknown) <= train_sections
+                else ""
+            )
+            raise ConfigError(f"Unknown section(s) {unknown}. Known sections: {list(known)}.{hint}")
         for key in known:
             if data.get(key) is not None and not isinstance(data[key], dict):
                 raise ConfigError(f"Section {key!r} must be a mapping. Received: {data[key]!r}")
