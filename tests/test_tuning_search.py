@@ -135,6 +135,7 @@ def test_bayesian_and_hyperband_run_their_trials(corpus, tmp_path, tuner):
         assert row["score"] == 100.0
 
 
+@pytest.mark.slow
 def test_search_end_to_end_resumes_after_being_killed(corpus, tmp_path):
     out = tmp_path / "search"
     proc = subprocess.Popen(
@@ -222,6 +223,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_chief_and_worker_on_localhost(corpus, tmp_path):
     out = tmp_path / "distributed"
     env = {"KERASTUNER_ORACLE_IP": "127.0.0.1", "KERASTUNER_ORACLE_PORT": str(_free_port())}
