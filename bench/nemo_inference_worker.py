@@ -106,7 +106,10 @@ def main(argv=None):
                     features, feature_lengths = model.preprocessor(
                         input_signal=waveform, length=lengths
                     )
-                feeds = dict(zip(names, [features.numpy(), feature_lengths.numpy()], strict=True))
+                # NeMo's export takes the features alone, or features and lengths.
+                feeds = {names[0]: features.numpy()}
+                if len(names) > 1:
+                    feeds[names[1]] = feature_lengths.numpy()
                 (logprobs,) = session.run(None, feeds)[:1]
                 out_lengths = (feature_lengths.numpy() + 1) // 2
                 return greedy(logprobs, out_lengths)
