@@ -702,7 +702,7 @@ class Trainer:
         stopped_reason = "epochs"
         last_checkpoint_step = start_step if self._resuming else None
         timed_steps = 0
-        step_times = []  # (seconds, utterances, frames) of each timed step
+        step_times = []  # (seconds, utterances, frames, CPU seconds) of each timed step
         window_losses = []
         bar = None
 
@@ -769,7 +769,7 @@ class Trainer:
                     out_of_time = max_minutes is not None and (
                         time.monotonic() - started > max_minutes * 60
                     )
-                    t0 = time.monotonic()
+                    t0, cpu0 = time.monotonic(), time.process_time()
                     totals = steps[head_only](
                         batch, tf.constant(step, tf.int64), tf.constant(float(out_of_time))
                     )
@@ -786,7 +786,9 @@ class Trainer:
                     timed_steps += 1
                     # The first call of a step function traces it; throughput excludes it.
                     if timed_steps > 1:
-                        step_times.append((time.monotonic() - t0, count, frames))
+                        step_times.append(
+                            (time.monotonic() - t0, count, frames, time.process_time() - cpu0)
+                        )
                         train_seconds += step_times[-1][0]
                         utterances += count
                         audio_frames += frames
@@ -982,7 +984,7 @@ class Trainer:
         step_times,
     ):
         stride = self.featurizer.window_stride
-        per_step = np.array(step_times, dtype=np.float64).reshape(-1, 3)
+        per_step = np.array(step_times, dtype=np.float64).reshape(-1, 4)
         return {
             "config": self.config.to_dict(),
             "architecture": {
@@ -1032,6 +1034,9 @@ class Trainer:
                 )
                 if len(per_step)
                 else None,
+                # CPU seconds of this process per step (all its threads): on a shared machine
+                # steadier than wall time.
+                "median_step_cpu_s": float(np.median(per_step[:, 3])) if len(per_step) else None,
             },
             "final": final,
             "best": best,
