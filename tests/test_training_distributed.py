@@ -176,8 +176,17 @@ Trainer(load_config(config), out, data, export_serving=False).fit()
 
 
 def _train_command(config_path, data, out):
-    # `qn train` without the serving export, which this test does not need.
+    # `qn train` without the serving export, for the reference run.
     return [sys.executable, "-c", TRAIN, str(config_path), str(data), str(out)]
+
+
+def _qn_train(config_path, data, out):
+    return [sys.executable, "-m", "qn_cli", "train", "--config", str(config_path)] + [
+        "--train",
+        str(data),
+        "--out",
+        str(out),
+    ]
 
 
 def test_killed_run_resumes_mid_epoch_like_an_uninterrupted_one(corpus, tmp_path):
@@ -199,7 +208,7 @@ def test_killed_run_resumes_mid_epoch_like_an_uninterrupted_one(corpus, tmp_path
         text=True,
     )
     victim = subprocess.Popen(
-        _train_command(config_path, data, tmp_path / "run"),
+        _qn_train(config_path, data, tmp_path / "run"),
         env=ENV,
         cwd=str(REPO),
         stdout=subprocess.PIPE,
@@ -219,7 +228,7 @@ def test_killed_run_resumes_mid_epoch_like_an_uninterrupted_one(corpus, tmp_path
     assert not (tmp_path / "run" / "model").exists()
 
     resumed = subprocess.run(
-        _train_command(config_path, data, tmp_path / "run"),
+        _qn_train(config_path, data, tmp_path / "run"),
         env=ENV,
         cwd=str(REPO),
         capture_output=True,
@@ -230,6 +239,8 @@ def test_killed_run_resumes_mid_epoch_like_an_uninterrupted_one(corpus, tmp_path
     resume_line = next(x for x in resumed.stdout.splitlines() if x.startswith("Resuming from"))
     step = int(resume_line.split("step ")[1].split(",")[0])
     assert 6 <= step < 12
+    assert "qn train: 12 steps, stopped by epochs" in resumed.stdout
+    assert (tmp_path / "run" / "model" / "saved_model" / "saved_model.pb").exists()
     report = json.loads((tmp_path / "run" / "training_report.json").read_text())
     assert report["steps"] == 12 and report["resumed_from_step"] == step
     assert report["steps_this_run"] == 12 - step

@@ -70,6 +70,25 @@ def test_config_errors_name_the_problem(data, message):
     assert message in str(info.value)
 
 
+def test_qn_train_reports_config_errors_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "bad.yaml"
+    config.write_text("training:\n  epoch: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qn_cli", "train", "--config", str(config)]
+        + ["--train", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "qn train: error:" in proc.stderr and "Unknown key(s) ['epoch']" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_model_section_errors_without_building_a_model():
     from qn_keras.training.config import ModelConfig
     from qn_keras.training.trainer import architecture_from_config
