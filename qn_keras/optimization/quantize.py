@@ -160,6 +160,79 @@ class KernelQuantizer(quantizers.LastValueQuantizer):
 
 
 @tf.keras.saving.register_keras_serializable(package="qn_keras")
+class ActivationQuantizer(quantizers.MovingAverageQuantizer):
+    """8-bit asymmetric activation quantizer whose range starts from real data.
+
+    tfmot's ``MovingAverageQuantizer`` starts every range at [-6, 6] and moves it with an
+    exponential moving average of decay 0.999, so for the first few hundred steps of a short
+    fine-tuning run the activations of a trained model are clipped at 6 (a QuartzNet trained to
+    0.4% WER started QAT at 69%). Here the first training batch sets the range, and the moving
+    average (decay ``ema_decay``) follows from there.
+    """
+
+    def __init__(
+        self, num_bits=8, per_axis=False, symmetric=False, narrow_range=False, ema_decay=0.99
+    ):
+        super().__init__(num_bits, per_axis, symmetric, narrow_range)
+        self.ema_decay = ema_decay
+
+    def build(self, tensor_shape, name, layer):
+        result = self._add_range_weights(layer, name)
+        result["calibrated"] = layer.add_weight(
+            f"{name}_calibrated", initializer=tf.keras.initializers.Zeros(), trainable=False
+        )
+        return result
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        min_var, max_var = weights["min_var"], weights["max_var"]
+        if training:
+            # The range must contain 0 (TFLite's zero point).
+            batch_min = tf.minimum(tf.reduce_min(inputs), 0.0)
+            batch_max = tf.maximum(tf.reduce_max(inputs), 0.0)
+            decay = self.ema_decay * weights["calibrated"]
+            new_min = min_var.assign(decay * min_var + (1.0 - decay) * batch_min)
+            new_max = max_var.assign(decay * max_var + (1.0 - decay) * batch_max)
+            with tf.control_dependencies([new_min, new_max]):
+                weights["calibrated"].assign(1.0)
+            min_var, max_var = new_min, new_max
+        return tf.quantization.fake_quant_with_min_max_vars(
+            inputs, min_var, max_var, num_bits=self.num_bits, narrow_range=self.narrow_range
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "ema_decay": self.ema_decay}
+
+    def __eq__(self, other):
+        return isinstance(other, ActivationQuantizer) and self.get_config() == other.get_config()
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+
+@tf.keras.saving.register_keras_serializable(package="qn_keras")
+class OutputQuantizeConfig(tfq.QuantizeConfig):
+    """Quantizes a layer's output (8-bit, :class:`ActivationQuantizer`): activations, adds."""
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [ActivationQuantizer(ACTIVATION_BITS)]
+
+    def get_config(self):
+        return {}
+
+
+@tf.keras.saving.register_keras_serializable(package="qn_keras")
 class WeightQuantizeConfig(tfq.QuantizeConfig):
     """Quantizes a layer's kernel with :class:`KernelQuantizer` and its output (8-bit).
 
@@ -184,9 +257,7 @@ class WeightQuantizeConfig(tfq.QuantizeConfig):
         self.weight_quantizer = KernelQuantizer(
             num_bits, per_channel, depthwise=depthwise, preserve_sparsity=preserve_sparsity
         )
-        self.activation_quantizer = quantizers.MovingAverageQuantizer(
-            num_bits=ACTIVATION_BITS, per_axis=False, symmetric=False, narrow_range=False
-        )
+        self.activation_quantizer = ActivationQuantizer(ACTIVATION_BITS)
 
     def get_weights_and_quantizers(self, layer):
         return [(getattr(layer, self.weight_attr), self.weight_quantizer)]
@@ -249,6 +320,8 @@ class QuartzNetQuantizeRegistry(registry8.Default8BitQuantizeRegistry):
                 depthwise=depthwise,
                 preserve_sparsity=self.preserve_sparsity,
             )
+        if kind in (tf.keras.layers.Activation, tf.keras.layers.Add):
+            return OutputQuantizeConfig()
         return super().get_quantize_config(layer)
 
 
@@ -373,6 +446,8 @@ def custom_objects() -> dict:
     """Objects a quantized model needs to be cloned or loaded (pass to ``quantize_scope``)."""
     return {
         "KernelQuantizer": KernelQuantizer,
+        "ActivationQuantizer": ActivationQuantizer,
+        "OutputQuantizeConfig": OutputQuantizeConfig,
         "InputQuantize": InputQuantize,
         "SavableQuantizeWrapper": SavableQuantizeWrapper,
         "WeightQuantizeConfig": WeightQuantizeConfig,

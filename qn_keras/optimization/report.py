@@ -12,6 +12,7 @@ definitions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -50,7 +51,8 @@ COLUMNS = (
     ("mmacs_16bit", "MMACs/s (16-bit norm.)", "{:.2f}"),
     ("tflite_bytes", "TFLite (bytes)", "{:,}"),
     ("tflite_gzip_bytes", "TFLite gzip (bytes)", "{:,}"),
-    ("audio_s_per_s", "speed (audio s/s)", "{:.1f}"),
+    ("speed_xnnpack_cpu", "speed XNNPACK (audio s/s)", "{:.0f}"),
+    ("speed_builtin_cpu", "speed built-in (audio s/s)", "{:.0f}"),
 )
 
 
@@ -102,16 +104,30 @@ def evaluate_configuration(
     }
     tflite_path = model_dir / TFLITE_FILE
     if not tflite_path.is_file():
-        if info.get("kind") not in ("float", None):
+        if info.get("kind") != "float":
             raise ValueError(f"{model_dir} has no {TFLITE_FILE}; run its `qn optimize` job again.")
-        tmp = Path(tempfile.mkdtemp(prefix="qn-report-"))
-        tflite_path = tflite.write_tflite(
-            tmp / TFLITE_FILE,
-            tflite.convert(bundle.model, "float32", num_features=bundle.model.inputs[0].shape[-1]),
-        )
-    key = json.dumps(bundle.featurizer.to_dict(), sort_keys=True) + str(bundle.tokenizer.labels)
+        with tempfile.TemporaryDirectory(prefix="qn-report-") as tmp:
+            blob = tflite.convert(bundle.model, "float32", num_features=_num_features(bundle))
+            path = tflite.write_tflite(Path(tmp) / TFLITE_FILE, blob)
+            return _row(
+                bundle, info, model_dir, path, utterances_cache, manifest, threads, keras, limit
+            )
+    return _row(
+        bundle, info, model_dir, tflite_path, utterances_cache, manifest, threads, keras, limit
+    )
+
+
+def _num_features(bundle) -> int:
+    return bundle.model.inputs[0].shape[-1]
+
+
+def _row(bundle, info, model_dir, tflite_path, utterances_cache, manifest, threads, keras, limit):
+    key = json.dumps(
+        [bundle.featurizer.to_dict(), list(bundle.tokenizer.labels), limit], sort_keys=True
+    )
     if key not in utterances_cache:
-        cache_dir = Path(tempfile.gettempdir()) / "qn-report-cache" / str(abs(hash(key)))
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+        cache_dir = utterances_cache.get("_dir", Path(tempfile.gettempdir())) / digest
         utterances_cache[key] = load_features(manifest, bundle, cache_dir, limit=limit)
     utts = utterances_cache[key]
 
@@ -147,13 +163,28 @@ def evaluate_configuration(
             "tflite_gzip_bytes": prune.gzip_size(tflite_path),
             "tflite_ops": dict(tflite.op_counts(tflite_path)),
             "integer_weighted_ops": _integer_fraction(tflite_path),
-            "audio_s_per_s": tflite.audio_seconds_per_second(runner, [u.features for u in utts]),
+            "audio_s_per_s": tflite.audio_seconds_per_second(
+                runner, [u.features for u in utts], repeat=3
+            ),
+            **_speeds(tflite_path, _num_features(bundle), threads),
             "threads": threads,
             "target_sparsity": info.get("target_sparsity"),
             "path": str(model_dir),
         }
     )
     return row
+
+
+def _speeds(tflite_path, num_features, threads) -> dict:
+    out = {}
+    for xnnpack in (True, False):
+        result = tflite.speed(
+            tflite_path, num_features=num_features, threads=threads or 1, xnnpack=xnnpack
+        )
+        engine = "xnnpack" if xnnpack else "builtin"
+        out[f"speed_{engine}_cpu"] = result["cpu"]
+        out[f"speed_{engine}_wall"] = result["wall"]
+    return out
 
 
 def _integer_fraction(tflite_path) -> float:
@@ -219,8 +250,12 @@ def write_report(rows: list[dict], out_dir, manifest, extra: dict | None = None)
             "32 bits (16 for float16), 10^6 bytes, dense",
             "mmacs": "million multiply-accumulates per second of audio",
             "mmacs_16bit": "sum over layers of MACs * w_bits * a_bits / (16 * 16)",
-            "audio_s_per_s": "seconds of audio per wall-clock second through TFLite, model "
-            "only (features precomputed), batch 1",
+            "audio_s_per_s": "seconds of audio per wall-clock second through TFLite over the "
+            "manifest, one utterance at a time (each new length re-plans the interpreter), "
+            "model only (features precomputed), best of 3 passes",
+            "speed_*": "seconds of audio per CPU second (_cpu) or wall second (_wall) for a "
+            "fixed 5 s input, batch 1, best of 5 x 10 calls; xnnpack: the default delegate, "
+            "builtin: TFLite's own kernels only",
         },
         "rows": rows,
         **(extra or {}),
@@ -233,8 +268,10 @@ def write_report(rows: list[dict], out_dir, manifest, extra: dict | None = None)
         "",
         "WER/CER: greedy, through TFLite. Memory: kernels at stored width, other parameters at "
         "32 bits (16 for float16). MACs per second of audio; 16-bit normalized = "
-        "MACs * w_bits * a_bits / 256 per layer. Speed: TFLite, model only, batch 1, "
-        f"{rows[0].get('threads') if rows else '-'} thread(s).",
+        "MACs * w_bits * a_bits / 256 per layer. Speed: seconds of audio per CPU second, "
+        "TFLite, model only (features precomputed), fixed 5 s input, batch 1, "
+        f"{rows[0].get('threads') if rows else '-'} thread(s), with the default XNNPACK "
+        "delegate and with TFLite's built-in kernels.",
         "",
     ]
     _atomic_write(out_dir / REPORT_MD, "\n".join(md))
@@ -277,7 +314,7 @@ def run_report(
         raise ValueError("--configs needs at least one model folder.")
     if not Path(manifest).exists():
         raise FileNotFoundError(f"Manifest not found: {manifest}")
-    cache: dict = {}
+    cache: dict = {"_dir": Path(out_dir) / "cache"}
     rows = []
     iterator = configs
     if progress:

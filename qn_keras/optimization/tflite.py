@@ -185,6 +185,50 @@ def weight_tensors(model_path_or_bytes) -> list[dict]:
     return out
 
 
+def speed(
+    model_path_or_bytes,
+    *,
+    frames: int = 500,
+    num_features: int = 64,
+    threads: int = 1,
+    xnnpack: bool = True,
+    repeat: int = 5,
+    invokes: int = 10,
+    frames_per_second: float = 100.0,
+) -> dict:
+    """Seconds of audio per second for a fixed ``frames``-long input (5 s by default).
+
+    A fixed shape, because every new input length makes the interpreter re-plan (and, with the
+    XNNPACK delegate, re-pack the weights), which would swamp the kernels being compared.
+    ``xnnpack=False`` uses TFLite's built-in kernels only. Returns the best of ``repeat`` runs of
+    ``invokes`` calls, per wall-clock second and per CPU second of this process (on a shared
+    machine the CPU-time figure is the stable one; with one thread they agree on an idle one).
+    """
+    kwargs = {}
+    if not xnnpack:
+        kwargs["experimental_op_resolver_type"] = (
+            tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
+    interpreter = _interpreter(model_path_or_bytes, num_threads=threads, **kwargs)
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], [1, frames, num_features])
+    interpreter.allocate_tensors()
+    rng = np.random.default_rng(0)
+    interpreter.set_tensor(
+        detail["index"], rng.normal(size=(1, frames, num_features)).astype(np.float32)
+    )
+    interpreter.invoke()
+    audio = invokes * frames / frames_per_second
+    wall = cpu = 0.0
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(invokes):
+            interpreter.invoke()
+        wall = max(wall, audio / max(time.perf_counter() - w0, 1e-9))
+        cpu = max(cpu, audio / max(time.process_time() - c0, 1e-9))
+    return {"wall": wall, "cpu": cpu}
+
+
 def tensor_elements(model_path_or_bytes, dtype: str, constant: bool = False) -> int:
     """Elements in the model's tensors of ``dtype`` (``constant``: only those holding data)."""
     interpreter = _interpreter(model_path_or_bytes)
@@ -201,21 +245,28 @@ def tensor_elements(model_path_or_bytes, dtype: str, constant: bool = False) -> 
     return total
 
 
-def _interpreter(model_path_or_bytes):
+def _interpreter(model_path_or_bytes, **kwargs):
     if isinstance(model_path_or_bytes, bytes | bytearray):
-        return tf.lite.Interpreter(model_content=bytes(model_path_or_bytes))
-    return tf.lite.Interpreter(model_path=str(model_path_or_bytes))
+        return tf.lite.Interpreter(model_content=bytes(model_path_or_bytes), **kwargs)
+    return tf.lite.Interpreter(model_path=str(model_path_or_bytes), **kwargs)
 
 
 def audio_seconds_per_second(
-    runner: TFLiteRunner, features: list[np.ndarray], frames_per_second: float = 100.0
+    runner: TFLiteRunner,
+    features: list[np.ndarray],
+    frames_per_second: float = 100.0,
+    repeat: int = 1,
 ) -> float:
-    """Seconds of audio (from feature frames) processed per wall-clock second, after warm-up."""
+    """Seconds of audio (from feature frames) processed per wall-clock second, after warm-up;
+    the best of ``repeat`` passes (on a shared machine the least disturbed one)."""
     if not features:
         raise ValueError("audio_seconds_per_second needs at least one utterance.")
     runner(features[0])
-    start = time.perf_counter()
-    for f in features:
-        runner(f)
-    elapsed = time.perf_counter() - start
-    return sum(len(f) for f in features) / frames_per_second / max(elapsed, 1e-9)
+    audio = sum(len(f) for f in features) / frames_per_second
+    best = 0.0
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        for f in features:
+            runner(f)
+        best = max(best, audio / max(time.perf_counter() - start, 1e-9))
+    return best
