@@ -50,7 +50,8 @@ BATCHING_FILE = "batching_parameters.txt"
 TFLITE_DIR = "tflite"
 EXPORT_FORMAT = "qn-keras-serving"
 
-# Ops of the exported graphs (functions included) for the model presets, all registered by core
+# Ops of the exported graphs (functions included) for the model presets and for the
+# quantization-aware models of `qn optimize qat` (FakeQuant*), all registered by core
 # TensorFlow, so every stock tensorflow_model_server build has kernels for them. Anything else
 # (tensorflow-io's "IO>..." ops, tensorflow-addons' "Addons>..." ops, user custom ops) makes
 # the export fail instead of failing later inside TF Serving.
@@ -59,6 +60,7 @@ STOCK_OPS = frozenset(
     Abs Add AddN AddV2 All Any ArgMax AsString Assert AssignVariableOp BatchMatMulV2
     BatchToSpaceND BesselI0 BiasAdd BroadcastTo Case Cast Ceil ConcatV2 Const Conv2D Cos
     DecodeRaw DepthwiseConv2dNative DisableCopyOnRead Equal Exp ExpandDims Fill Floor FloorDiv
+    FakeQuantWithMinMaxVars FakeQuantWithMinMaxVarsPerChannel
     FloorMod FusedBatchNormV3 GatherV2 Greater GreaterEqual Identity IdentityN If Imag IsFinite
     Less LessEqual Log LogSoftmax LogicalAnd LogicalNot LogicalOr MatMul Max Maximum Mean
     MergeV2Checkpoints Min Minimum Mul Neg NoOp NotEqual OnesLike Pack Pad PadV2
