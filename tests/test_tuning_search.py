@@ -240,8 +240,12 @@ def test_chief_and_worker_on_localhost(corpus, tmp_path):
     }
     logs = {}
     try:
-        for name, proc in procs.items():
-            logs[name] = proc.communicate(timeout=900)[0].decode()
+        # The worker first: if it fails, the chief would wait for its trial forever, so stop
+        # the chief then and show the worker's log instead of timing out on the chief.
+        logs["tuner0"] = procs["tuner0"].communicate(timeout=900)[0].decode()
+        if procs["tuner0"].returncode != 0:
+            os.killpg(procs["chief"].pid, signal.SIGKILL)
+        logs["chief"] = procs["chief"].communicate(timeout=120)[0].decode()
     finally:
         for proc in procs.values():
             if proc.poll() is None:
