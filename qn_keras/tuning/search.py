@@ -82,6 +82,20 @@ def _check_resume(out: Path, config: TuneConfig, overwrite: bool):
         )
 
 
+def _wait_for_chief(out: Path, timeout_s: float = 600.0, poll_s: float = 0.5):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (out / CONFIG_FILE).is_file():
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"No {CONFIG_FILE} from the chief in {out} after {timeout_s:.0f} s: start the "
+                "chief (KERASTUNER_TUNER_ID=chief) with the same --out, on a folder every "
+                "machine shares."
+            )
+        time.sleep(poll_s)
+
+
 def _remove_results(out: Path):
     import shutil
 
@@ -220,6 +234,11 @@ def run_search(
         if overwrite:
             _remove_results(out)
         _write_config(out, config)
+    else:
+        # Workers start at the same time as the chief; building the tuner creates the project
+        # folder, which the chief would then take for a broken earlier search. So a worker
+        # waits until the chief has checked the folder and written the config.
+        _wait_for_chief(out)
     tokenizer = config.train.tokenizer()
     featurizer = config.train.featurizer_config()
     tuner = QuartzNetTuner(
