@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format clean test-nemo
 
 setup: $(STAMP)
 
@@ -29,8 +29,36 @@ format: setup
 test: setup lint
 	$(PY) -m pytest -q
 
+# Parity of `qn import-nemo` with NVIDIA NeMo itself. NeMo lives in its own venv (.venv-nemo:
+# numpy 2 and a newer protobuf than TensorFlow 2.15 accepts); .venv gets the `nemo` extra
+# (CPU torch) to read checkpoints. NeMo saves random-weight models and its outputs on real
+# clips (re-made only when the script or the NeMo install changes); pytest compares.
+NEMO_VENV := .venv-nemo
+NEMO_STAMP := $(NEMO_VENV)/.installed
+NEMO_EXTRA_STAMP := $(VENV)/.nemo-extra
+NEMO_PARITY := build/nemo_parity
+
+$(NEMO_STAMP): tests/nemo/requirements.txt tests/nemo/constraints.txt
+	@$(PYTHON) tools/check_python.py
+	@test -x $(NEMO_VENV)/bin/python || $(PYTHON) -m venv $(NEMO_VENV)
+	$(NEMO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(NEMO_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-r tests/nemo/requirements.txt -c tests/nemo/constraints.txt
+	@touch $(NEMO_STAMP)
+
+$(NEMO_EXTRA_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[nemo]'
+	$(PY) -m pip check
+	@touch $(NEMO_EXTRA_STAMP)
+
+$(NEMO_PARITY)/manifest.json: tests/nemo/make_nemo_reference.py $(NEMO_STAMP)
+	$(NEMO_VENV)/bin/python tests/nemo/make_nemo_reference.py --out $(NEMO_PARITY)
+
+test-nemo: setup $(NEMO_EXTRA_STAMP) $(NEMO_PARITY)/manifest.json
+	QN_NEMO_PARITY_DIR=$(NEMO_PARITY) $(PY) -m pytest -q tests/nemo
+
 demo: setup
 	$(PY) -m qn_cli.demo
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(NEMO_VENV) $(NEMO_PARITY) runs

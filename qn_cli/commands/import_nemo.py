@@ -57,7 +57,9 @@ def run(args) -> int:
     from qn_keras.summary import trainable_parameters
 
     steps = ["read checkpoint, build model, load weights", "write model folder"]
-    with tqdm(total=len(steps), desc="import-nemo", unit="step", file=sys.stderr) as bar:
+    with tqdm(
+        total=len(steps), desc="import-nemo", unit="step", file=sys.stderr, leave=False
+    ) as bar:
         bar.set_postfix_str(steps[0])
         bundle = import_nemo(args.nemo_file, era=args.era)
         bar.update()
