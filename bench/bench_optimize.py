@@ -10,11 +10,11 @@ continued by running it again):
 3. quantization-aware fine-tuning: int8 per channel, int8 per tensor, 4-bit per channel;
 4. pruning to 50% and 80%, and the 80% model quantization-aware fine-tuned to int8;
 5. float32 TFLite of the grouped models;
-6. `qn optimize report` over all of them on --val, and a TFLite speed comparison (float32,
-   float16, int8 PTQ, int8 QAT) with 1 and 2 threads, repeated and interleaved.
+6. `qn optimize report` over all of them on --val, and a TFLite speed table of all of them
+   (fixed 5 s input; XNNPACK and built-in kernels; 1 thread; median of interleaved rounds).
 
     .venv/bin/python bench/bench_optimize.py [--train sample_data/train.json]
-        [--val sample_data/dev.json] [--out runs/opt] [--qat-steps 160] [--prune-steps 240]
+        [--val sample_data/dev.json] [--out runs/opt] [--qat-steps 96] [--prune-steps 400]
 """
 
 from __future__ import annotations
@@ -55,25 +55,27 @@ def step(name: str, target: Path, timings: dict, *args, log: Path):
     print(f"       {timings[name]:.0f} s")
 
 
-def speed_table(paths: dict, utterances, threads=(1, 2), repeat=5) -> dict:
-    """Seconds of audio per second per model and thread count: the best of ``repeat``
-    interleaved passes (the machine is shared, so the best pass is the least disturbed one)."""
-    sys.path.insert(0, str(REPO))
-    from qn_keras.optimization.tflite import TFLiteRunner
+def speed_table(paths: dict, threads=(1,), rounds=5) -> dict:
+    """Seconds of audio per CPU second and per wall second for a fixed 5 s input, with the
+    XNNPACK delegate and with TFLite's built-in kernels: the median of ``rounds`` interleaved
+    rounds (the machine is shared: single measurements of one model vary by +-20%)."""
+    import statistics
 
-    audio = sum(len(f) for f in utterances) / 100.0
-    best = {(name, t): 0.0 for name in paths for t in threads}
-    runners = {(n, t): TFLiteRunner(p, num_threads=t) for n, p in paths.items() for t in threads}
-    for runner in runners.values():
-        for f in utterances[:3]:
-            runner(f)
-    for _ in range(repeat):
-        for key, runner in runners.items():
-            start = time.perf_counter()
-            for f in utterances:
-                runner(f)
-            best[key] = max(best[key], audio / (time.perf_counter() - start))
-    return {f"{name}@{t}": value for (name, t), value in best.items()}
+    sys.path.insert(0, str(REPO))
+    from qn_keras.optimization.tflite import speed
+
+    runs: dict = {}
+    for _ in range(rounds):
+        for name, path in paths.items():
+            for t in threads:
+                for xnnpack in (True, False):
+                    key = f"{name}|{'xnnpack' if xnnpack else 'builtin'}|{t}"
+                    result = speed(path, threads=t, xnnpack=xnnpack, repeat=2, invokes=5)
+                    runs.setdefault(key, []).append(result)
+    return {
+        key: {k: statistics.median(r[k] for r in results) for k in ("cpu", "wall")}
+        for key, results in runs.items()
+    }
 
 
 def main(argv=None):
@@ -81,8 +83,8 @@ def main(argv=None):
     parser.add_argument("--train", default="sample_data/train.json")
     parser.add_argument("--val", default="sample_data/dev.json")
     parser.add_argument("--out", default="runs/opt")
-    parser.add_argument("--qat-steps", type=int, default=160)
-    parser.add_argument("--prune-steps", type=int, default=240)
+    parser.add_argument("--qat-steps", type=int, default=96)
+    parser.add_argument("--prune-steps", type=int, default=400)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,27 +190,11 @@ def main(argv=None):
         log=log,
     )
 
-    sys.path.insert(0, str(REPO))
-    from qn_keras.model_dir import load_model_dir
-    from qn_keras.optimization.evaluate import load_features
-
-    bundle = load_model_dir(float_model)
-    utts = load_features(args.val, bundle, out / "speed_cache")
-    paths = {
-        c: out / c / "model" / "model.tflite"
-        for c in (
-            "ptq_float32",
-            "ptq_float16",
-            "ptq_int8",
-            "qat_int8_per_channel",
-            "qat_int8_per_tensor",
-        )
-    }
-    speeds = speed_table(paths, [u.features for u in utts])
+    paths = {c: out / c / "model" / "model.tflite" for c in configs}
+    speeds = speed_table(paths)
     (out / "report" / "speed.json").write_text(json.dumps(speeds, indent=1))
-    timings_path.write_text(json.dumps(timings, indent=1))
     for key, value in speeds.items():
-        print(f"{key:<32} {value:8.1f} s of audio / s")
+        print(f"{key:<40} {value['cpu']:8.1f} s audio / CPU s {value['wall']:8.1f} / wall s")
 
 
 if __name__ == "__main__":
