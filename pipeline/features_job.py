@@ -66,6 +66,7 @@ class FeatureJobConfig:
     output_dir: str
     shards: int = 4
     speed_perturb: tuple[float, ...] = ()
+    narrowband: tuple[int, ...] = ()
     era: str = "current"
     max_duration: float | None = None
     oov: str = "drop"
@@ -89,6 +90,11 @@ class FeatureJobConfig:
             raise ValueError(f"shards must be >= 0 (0: the runner decides): {self.shards}")
         if any(not 0.5 <= r <= 2.0 for r in self.speed_perturb):
             raise ValueError(f"speed perturbation rates must lie in [0.5, 2]: {self.speed_perturb}")
+        rate = self.featurizer.sample_rate
+        if any(not 2000 <= r < rate for r in self.narrowband):
+            raise ValueError(
+                f"--narrowband sample rates must lie in [2000, {rate}) Hz: {self.narrowband}"
+            )
         if self.max_duration is not None and self.max_duration <= 0:
             raise ValueError(f"max_duration must be positive: {self.max_duration}")
 
@@ -109,12 +115,13 @@ class FeatureJobConfig:
     def to_dict(self) -> dict:
         config = dataclasses.asdict(self)
         config["speed_perturb"] = list(self.speed_perturb)
+        config["narrowband"] = list(self.narrowband)
         config["labels"] = list(self.labels)
         return config
 
 
 def _stats_input(item) -> tuple:
-    return item.num_frames, item.duration, item.speed
+    return item.num_frames, item.duration, item.is_source
 
 
 def _failure_line(record: dict) -> str:
@@ -215,6 +222,7 @@ def build_pipeline(
         oov=config.oov,
         max_duration=config.max_duration,
         speed_perturb=config.speed_perturb,
+        narrowband=config.narrowband,
         threads=config.featurize_threads,
         intra_op_threads=config.intra_op_threads,
     )
@@ -360,6 +368,17 @@ def parse_rates(text: str | None) -> tuple[float, ...]:
         ) from e
 
 
+def parse_narrowband(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(r) for r in text.split(",") if r.strip())
+    except ValueError as e:
+        raise ValueError(
+            f"--narrowband takes comma-separated sample rates in Hz like 8000: {text!r}"
+        ) from e
+
+
 def config_from_args(args: argparse.Namespace) -> FeatureJobConfig:
     labels = CharTokenizer.from_file(args.labels).labels if args.labels else ENGLISH_LABELS
     return FeatureJobConfig(
@@ -367,6 +386,7 @@ def config_from_args(args: argparse.Namespace) -> FeatureJobConfig:
         output_dir=args.out,
         shards=args.shards,
         speed_perturb=parse_rates(args.speed_perturb),
+        narrowband=parse_narrowband(args.narrowband),
         era=args.era,
         max_duration=args.max_duration,
         oov=args.oov,

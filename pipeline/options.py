@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RATES",
         help="extra copies at these speeds, e.g. 0.9,1.1 (NeMo's recipe)",
     )
+    parser.add_argument(
+        "--narrowband",
+        default="",
+        metavar="RATES",
+        help="extra band-limited copies of every utterance (and speed copy), resampled through "
+        "these sample rates, e.g. 8000 for telephone-band or 8 kHz sources",
+    )
     parser.add_argument("--era", choices=ERAS, default="current", help="featurizer front end")
     parser.add_argument(
         "--max-duration", type=float, default=None, metavar="S", help="reject longer audio"

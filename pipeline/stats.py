@@ -12,7 +12,8 @@ HISTOGRAM_BIN_FRAMES = 50
 
 
 class DatasetStatsFn(beam.CombineFn):
-    """``(num_frames, duration_seconds, speed)`` per written utterance -> summary dict."""
+    """``(num_frames, duration_seconds, is_source)`` per written utterance -> summary dict
+    (``is_source``: not a speed-perturbed or narrowband copy)."""
 
     def create_accumulator(self):
         return {
@@ -27,11 +28,11 @@ class DatasetStatsFn(beam.CombineFn):
         }
 
     def add_input(self, acc, element):
-        frames, seconds, speed = element
+        frames, seconds, is_source = element
         acc["utterances"] += 1
         acc["seconds"] += seconds
         acc["frames"] += frames
-        if speed == 1.0:
+        if is_source:
             acc["source_utterances"] += 1
             acc["source_seconds"] += seconds
         acc["min_frames"] = frames if acc["min_frames"] is None else min(acc["min_frames"], frames)

@@ -10,7 +10,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to, is_not_empty
 from pipeline_utils import tone, write_manifest, write_wav
 
-from pipeline.features_job import FeatureJobConfig, make_pipeline, parse_rates
+from pipeline.features_job import FeatureJobConfig, make_pipeline, parse_narrowband, parse_rates
 from pipeline.stats import CountByReasonFn, DatasetStatsFn
 from pipeline.transforms import (
     FAILED,
@@ -20,7 +20,9 @@ from pipeline.transforms import (
     ReadManifests,
     TokenizeFn,
     Transcribed,
+    band_limit,
     decode_utterance,
+    narrowband_copies,
     speed_perturbed_copies,
     to_tf_example,
 )
@@ -89,7 +91,7 @@ def test_tokenize_and_dataset_stats():
 
         stats = (
             p
-            | "Items" >> beam.Create([(120, 1.2, 1.0), (40, 0.4, 1.0), (133, 1.33, 1.1)])
+            | "Items" >> beam.Create([(120, 1.2, True), (40, 0.4, True), (133, 1.33, False)])
             | beam.CombineGlobally(DatasetStatsFn())
         )
 
@@ -143,6 +145,35 @@ def test_decode_and_speed_perturb_steps(tmp_path):
     assert kept is tiny and (short["utt_id"], short["reason"]) == ("t_sp1.1", "too_short")
 
 
+def test_narrowband_copies_remove_the_top_band():
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(16000).astype(np.float32) * 0.1  # white: energy up to 8 kHz
+    narrow = band_limit(noise, 8000, 16000)
+    assert narrow.shape == noise.shape and narrow.dtype == np.float32
+    power = np.abs(np.fft.rfft(narrow)) ** 2
+    freqs = np.fft.rfftfreq(narrow.shape[0], 1 / 16000)
+    # Independent check: nothing above 4 kHz (bar the filter's transition band), the band
+    # below it kept.
+    assert power[freqs > 4000].sum() < 1e-4 * power.sum()
+    full = np.abs(np.fft.rfft(noise)) ** 2
+    assert power[freqs < 3500].sum() == pytest.approx(full[freqs < 3500].sum(), rel=0.02)
+
+    item = Decoded("u", _utt("u"), "a", (1,), noise)
+    copies = speed_perturbed_copies(item, [1.1], 16000, 320)
+    failed = {"utt_id": "x", "reason": "too_short"}
+    out = narrowband_copies([*copies, failed], [8000], 16000)
+    assert [c["utt_id"] if isinstance(c, dict) else c.utt_id for c in out] == [
+        "u",
+        "u_sp1.1",
+        "x",
+        "u_nb8000",
+        "u_sp1.1_nb8000",
+    ]
+    assert [c.is_source for c in out if not isinstance(c, dict)] == [True, False, False, False]
+    assert out[4].speed == 1.1 and out[4].narrowband == 8000
+    assert out[4].num_samples == out[1].num_samples
+
+
 def test_decode_and_featurize_batches_and_composite(tmp_path):
     config = FeaturizerConfig(era="current")
     waves = {f"u{i}": tone(0.4 + 0.2 * i, seed=i) for i in range(3)}
@@ -178,14 +209,25 @@ def test_decode_and_featurize_batches_and_composite(tmp_path):
         composite = (
             p
             | "Utterances" >> beam.Create(utts)
-            | FeaturizeUtterances(legacy.to_dict(), ENGLISH_LABELS, speed_perturb=(1.1,))
+            | FeaturizeUtterances(
+                legacy.to_dict(), ENGLISH_LABELS, speed_perturb=(1.1,), narrowband=(8000,)
+            )
         )
         frames = composite["featurized"] | "Frames" >> beam.Map(
             lambda f: (f.utt_id, f.num_frames, f.text)
         )
         # legacy era: L // 160 + 1 frames; 0.8 s = 12800 samples, at speed 1.1: 11637
         assert_that(
-            frames, equal_to([("g", 81, "good one"), ("g_sp1.1", 73, "good one")]), label="Comp"
+            frames,
+            equal_to(
+                [
+                    ("g", 81, "good one"),
+                    ("g_sp1.1", 73, "good one"),
+                    ("g_nb8000", 81, "good one"),
+                    ("g_sp1.1_nb8000", 73, "good one"),
+                ]
+            ),
+            label="Comp",
         )
         assert_that(
             composite[FAILED] | "R" >> beam.Map(lambda f: f["reason"]),
@@ -202,6 +244,11 @@ def test_job_config_validation():
         FeatureJobConfig(["m.json"], "out", era="future")
     with pytest.raises(ValueError, match="speed perturbation"):
         FeatureJobConfig(["m.json"], "out", speed_perturb=(3.0,))
+    assert parse_narrowband("8000") == (8000,)
+    with pytest.raises(ValueError, match="sample rates in Hz"):
+        parse_narrowband("8k")
+    with pytest.raises(ValueError, match="must lie in"):
+        FeatureJobConfig(["m.json"], "out", narrowband=(16000,))
     with pytest.raises(ValueError, match="At least one manifest"):
         FeatureJobConfig([], "out")
     # Beam 2.77's multi-threaded local runner was seen dropping records before the shards.
