@@ -9,7 +9,8 @@ length (resize the input tensor before allocating), output ``logprobs`` float32
 - ``float32``: same numbers as the Keras model (within float rounding);
 - ``float16``: weights stored as float16, half the size;
 - ``dynamic``: dynamic-range quantization, int8 weights with float activations, a quarter of
-  the size and faster on CPUs.
+  the size (for storage and ARM devices: on the x86 CPUs measured here it runs slower than
+  float32, see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tensorflow as tf
 from qn_keras.featurizer import LogMelSpectrogram
 
 MODES = ("float32", "float16", "dynamic")
+ENGINES = ("xnnpack", "builtin")
 
 
 # TFLite's dynamic-range quantizer leaves constant weights under 1024 elements in float.
@@ -112,12 +114,21 @@ class TFLiteRecognizer:
         (50, 29)
     """
 
-    def __init__(self, path, num_threads: int | None = None):
+    def __init__(self, path, num_threads: int | None = None, engine: str = "xnnpack"):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"TFLite model not found: {self.path}")
+        if engine not in ENGINES:
+            raise ValueError(f"Unknown TFLite engine {engine!r}; choose from {', '.join(ENGINES)}.")
+        kwargs = {}
+        if engine == "builtin":
+            # TFLite's own kernels, without the XNNPACK delegate it applies by default.
+            kwargs["experimental_op_resolver_type"] = (
+                tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            )
+        self.engine = engine
         self.interpreter = tf.lite.Interpreter(
-            model_path=str(self.path), num_threads=num_threads or os.cpu_count()
+            model_path=str(self.path), num_threads=num_threads or os.cpu_count(), **kwargs
         )
         self._input = self.interpreter.get_input_details()[0]["index"]
         self._output = self.interpreter.get_output_details()[0]["index"]

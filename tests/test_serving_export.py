@@ -139,9 +139,18 @@ def test_warmup_requests_replay():
         assert out["logprobs"].shape[0] == len(next(iter(inputs.values())))
 
 
-@pytest.mark.parametrize("mode, atol", [("float32", 1e-4), ("float16", 1e-2), ("dynamic", 1e-2)])
-def test_tflite_matches_keras(mode, atol):
-    runner = TFLiteRecognizer(su.export_dir() / "tflite" / f"{mode}.tflite", num_threads=2)
+@pytest.mark.parametrize(
+    "mode, atol, engine",
+    [
+        ("float32", 1e-4, "xnnpack"),
+        ("float32", 1e-4, "builtin"),
+        ("float16", 1e-2, "xnnpack"),
+        ("dynamic", 1e-2, "xnnpack"),
+    ],
+)
+def test_tflite_matches_keras(mode, atol, engine):
+    path = su.export_dir() / "tflite" / f"{mode}.tflite"
+    runner = TFLiteRecognizer(path, num_threads=2, engine=engine)
     reference = su.keras_reference()
     mismatched = 0
     for waveform in su.sample_waveforms():
@@ -153,6 +162,8 @@ def test_tflite_matches_keras(mode, atol):
             ref_logprobs, ref_lengths
         )
     assert mismatched == 0
+    with pytest.raises(ValueError, match="Unknown TFLite engine 'gpu'"):
+        TFLiteRecognizer(path, engine="gpu")
 
 
 def test_versions_are_never_overwritten(tmp_path):
