@@ -58,9 +58,8 @@ def plain_loop(manifest: str, out: Path, shards: int, rates: tuple) -> dict:
     from pipeline.transforms import perturb_speed, speed_suffix
     from qn_keras.audio import AudioError, check_waveform, decode_audio
     from qn_keras.data import load_utterances, schema
-    from qn_keras.data.featurize import CompiledFeaturizer
     from qn_keras.data.text import tokenize_transcript
-    from qn_keras.featurizer import FeaturizerConfig
+    from qn_keras.featurizer import CompiledFeaturizer, FeaturizerConfig
     from qn_keras.tokenizer import CharTokenizer
 
     start = time.perf_counter()

@@ -350,8 +350,7 @@ class DecodeAndFeaturizeFn(beam.DoFn):
 
         import tensorflow as tf
 
-        from qn_keras.data.featurize import CompiledFeaturizer
-        from qn_keras.featurizer import FeaturizerConfig
+        from qn_keras.featurizer import CompiledFeaturizer, FeaturizerConfig
 
         if self.intra_op_threads:
             try:

