@@ -357,26 +357,21 @@ def _read_info(path: str) -> dict:
         return json.loads(f.read().decode("utf-8"))
 
 
-def parse_rates(text: str | None) -> tuple[float, ...]:
+def _parse_list(text: str | None, kind, flag: str, example: str) -> tuple:
     if not text:
         return ()
     try:
-        return tuple(float(r) for r in text.split(",") if r.strip())
+        return tuple(kind(r) for r in text.split(",") if r.strip())
     except ValueError as e:
-        raise ValueError(
-            f"--speed-perturb takes comma-separated rates like 0.9,1.1: {text!r}"
-        ) from e
+        raise ValueError(f"{flag} takes comma-separated {example}: {text!r}") from e
+
+
+def parse_rates(text: str | None) -> tuple[float, ...]:
+    return _parse_list(text, float, "--speed-perturb", "rates like 0.9,1.1")
 
 
 def parse_narrowband(text: str | None) -> tuple[int, ...]:
-    if not text:
-        return ()
-    try:
-        return tuple(int(r) for r in text.split(",") if r.strip())
-    except ValueError as e:
-        raise ValueError(
-            f"--narrowband takes comma-separated sample rates in Hz like 8000: {text!r}"
-        ) from e
+    return _parse_list(text, int, "--narrowband", "sample rates in Hz like 8000")
 
 
 def config_from_args(args: argparse.Namespace) -> FeatureJobConfig:

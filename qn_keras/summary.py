@@ -12,28 +12,31 @@ def trainable_parameters(model) -> int:
     return int(sum(int(w.shape.num_elements()) for w in model.trainable_weights))
 
 
-def macs_per_second(model) -> float:
-    """Multiply-accumulates of convolutions and the head per second of audio.
+def layer_macs(model) -> dict[str, float]:
+    """Multiply-accumulates per second of audio of each weighted layer, by layer name.
 
     Depthwise ``C_in*K``, pointwise ``C_in*C_out/groups``, plain ``C_in*C_out*K/groups``,
-    residual 1x1 ``C_in*C_out`` per output frame, at each block's output frame rate; SE and the
-    head's ``C*V`` included; BatchNorm, activations and the featurizer are not.
+    residual 1x1 ``C_in*C_out`` per output frame, at each block's output frame rate; SE
+    (once per utterance) and the head's ``C*V`` included; BatchNorm, activations and the
+    featurizer are not.
     """
     cfg = model.get_config()
     rate = float(FEATURE_FRAMES_PER_SECOND)
     channels = cfg["num_features"]
-    total = 0.0
+    out: dict[str, float] = {}
     panes: list[int] = []
     for i, filters in enumerate(cfg["stackwise_filters"]):
         kernel = scale_kernel_size(cfg["stackwise_kernel_sizes"][i], cfg["kernel_size_factor"])
         groups = cfg["stackwise_groups"][i]
         rate /= cfg["stackwise_strides"][i]
         c_in = channels
-        for _ in range(cfg["stackwise_repeats"][i]):
+        for j in range(cfg["stackwise_repeats"][i]):
+            prefix = f"block_{i}_sub_{j}"
             if cfg["stackwise_separable"][i]:
-                total += rate * (c_in * kernel + c_in * filters / groups)
+                out[f"{prefix}_depthwise"] = rate * c_in * kernel
+                out[f"{prefix}_pointwise"] = rate * c_in * filters / groups
             else:
-                total += rate * c_in * filters * kernel / groups
+                out[f"{prefix}_conv"] = rate * c_in * filters * kernel / groups
             c_in = filters
         if cfg["stackwise_residual_dense"][i]:
             panes.append(channels)
@@ -41,13 +44,20 @@ def macs_per_second(model) -> float:
         else:
             residual_inputs = [channels] if cfg["stackwise_residual"][i] else []
         if cfg["stackwise_residual"][i]:
-            total += rate * sum(c * filters for c in residual_inputs)
+            for p, c in enumerate(residual_inputs):
+                out[f"block_{i}_res_{p}_conv"] = rate * c * filters
         if cfg["stackwise_se"][i]:
-            total += 2 * filters * (filters // cfg["se_reduction_ratio"])  # once per utterance
+            out[f"block_{i}_se"] = 2 * filters * (filters // cfg["se_reduction_ratio"])
         channels = filters
     if "vocabulary_size" in cfg:
-        total += rate * channels * cfg["vocabulary_size"]
-    return total
+        out["ctc_head_conv"] = rate * channels * cfg["vocabulary_size"]
+    return out
+
+
+def macs_per_second(model) -> float:
+    """Multiply-accumulates of convolutions and the head per second of audio (the sum of
+    :func:`layer_macs`)."""
+    return float(sum(layer_macs(model).values()))
 
 
 def model_summary(model) -> dict:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from qn_keras.quartznet_backbone import scale_kernel_size
-from qn_keras.summary import FEATURE_FRAMES_PER_SECOND
+from qn_keras.summary import layer_macs
 
 MB = 1e6
 
@@ -55,45 +54,6 @@ PRECISIONS = {
     "int8": Precision(8, 8),
     "int4": Precision(4, 8, edge_weight_bits=8),
 }
-
-
-def layer_macs(model) -> dict[str, float]:
-    """MACs per second of audio for each weighted layer, by layer name.
-
-    The same arithmetic as :func:`qn_keras.summary.macs_per_second` (its sum), split by layer.
-    """
-    cfg = model.get_config()
-    rate = float(FEATURE_FRAMES_PER_SECOND)
-    channels = cfg["num_features"]
-    out: dict[str, float] = {}
-    panes: list[int] = []
-    for i, filters in enumerate(cfg["stackwise_filters"]):
-        kernel = scale_kernel_size(cfg["stackwise_kernel_sizes"][i], cfg["kernel_size_factor"])
-        groups = cfg["stackwise_groups"][i]
-        rate /= cfg["stackwise_strides"][i]
-        c_in = channels
-        for j in range(cfg["stackwise_repeats"][i]):
-            prefix = f"block_{i}_sub_{j}"
-            if cfg["stackwise_separable"][i]:
-                out[f"{prefix}_depthwise"] = rate * c_in * kernel
-                out[f"{prefix}_pointwise"] = rate * c_in * filters / groups
-            else:
-                out[f"{prefix}_conv"] = rate * c_in * filters * kernel / groups
-            c_in = filters
-        if cfg["stackwise_residual_dense"][i]:
-            panes.append(channels)
-            residual_inputs = list(panes)
-        else:
-            residual_inputs = [channels] if cfg["stackwise_residual"][i] else []
-        if cfg["stackwise_residual"][i]:
-            for p, c in enumerate(residual_inputs):
-                out[f"block_{i}_res_{p}_conv"] = rate * c * filters
-        if cfg["stackwise_se"][i]:
-            out[f"block_{i}_se"] = 2 * filters * (filters // cfg["se_reduction_ratio"])
-        channels = filters
-    if "vocabulary_size" in cfg:
-        out["ctc_head_conv"] = rate * channels * cfg["vocabulary_size"]
-    return out
 
 
 KERNEL_ATTRS = ("kernel", "depthwise_kernel")
