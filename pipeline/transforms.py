@@ -340,7 +340,7 @@ class DecodeAndFeaturizeFn(beam.DoFn):
         self.threads = threads
         self.intra_op_threads = intra_op_threads
         self.decoded = Metrics.counter(NAMESPACE, "audio_decoded")
-        self.copies = Metrics.counter(NAMESPACE, "speed_perturbed_copies")
+        self.copies = Metrics.counter(NAMESPACE, "augmented_copies")  # speed and narrowband
         self.written = Metrics.counter(NAMESPACE, "utterances_featurized")
         self.audio_ms = Metrics.counter(NAMESPACE, "audio_milliseconds_featurized")
         self.frames = Metrics.distribution(NAMESPACE, "feature_frames")
