@@ -211,6 +211,23 @@ def test_ptq_cli_and_report(work, qat_dir, pruned_dir, capsys):
     assert "int8_per_channel" in capsys.readouterr().out
 
 
+def test_cli_qat_and_prune_run_with_a_recipe_file(work, capsys):
+    recipe = work / "finetune.yaml"
+    recipe.write_text(json.dumps(FINETUNE))  # YAML is a superset of JSON
+    common = ["--model", str(work / "float"), "--train", str(work / "train.tfrecord")]
+    common += ["--val", str(work / "val.tfrecord"), "--steps", "1", "--config", str(recipe)]
+    qat = ["optimize", "qat", *common, "--out", str(work / "cli_qat"), "--no-progress"]
+    assert qn([*qat, "--scheme", "int8_per_tensor", "--name", "cli-int8"]) == 0
+    out = capsys.readouterr().out
+    assert "qn optimize qat: cli-int8 written to" in out
+    assert recipes.read_info(work / "cli_qat" / "model")["scheme"] == "int8_per_tensor"
+    prune = ["optimize", "prune", *common, "--out", str(work / "cli_pruned"), "--no-progress"]
+    assert qn([*prune, "--target-sparsity", "0.5", "--end-fraction", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "sparsity of the pruned layers" in out and "val WER" in out
+    assert (work / "cli_pruned" / "model" / recipes.TFLITE_FILE).is_file()
+
+
 def test_cli_rejects_bad_input(work, capsys):
     assert (
         qn(

@@ -136,60 +136,54 @@ def _done(job: str, path) -> int:
     return 0
 
 
-def run_qat(args) -> int:
+def _fine_tune(job, args, **options):
+    """Runs a fine-tuning recipe (QAT or pruning) with the options both share; a diverged
+    run is a user-facing error (lower --lr), not a traceback."""
     from qn_cli.main import UserError
-    from qn_keras.optimization.recipes import run_qat as job
     from qn_keras.training import TrainingDivergedError
 
-    _check_steps(args)
     model = _check_model(args.model)
     try:
-        path = job(
+        return job(
             model,
             args.train,
             args.val,
             args.out,
-            scheme=args.scheme,
             steps=args.steps,
             config=args.config,
             learning_rate=args.lr,
             name=args.name,
             progress=not args.no_progress,
+            **options,
         )
     except TrainingDivergedError as e:
         raise UserError(str(e)) from None
-    return _done("qat", path)
+
+
+def run_qat(args) -> int:
+    from qn_keras.optimization.recipes import run_qat as job
+
+    _check_steps(args)
+    return _done("qat", _fine_tune(job, args, scheme=args.scheme))
 
 
 def run_prune(args) -> int:
     from qn_cli.main import UserError
     from qn_keras.optimization.recipes import read_info
     from qn_keras.optimization.recipes import run_prune as job
-    from qn_keras.training import TrainingDivergedError
 
     _check_steps(args)
     if not 0.0 < args.target_sparsity < 1.0:
         raise UserError(f"--target-sparsity must be in (0, 1) (got {args.target_sparsity})")
     if not 0.0 < args.end_fraction <= 1.0:
         raise UserError(f"--end-fraction must be in (0, 1] (got {args.end_fraction})")
-    model = _check_model(args.model)
-    try:
-        path = job(
-            model,
-            args.train,
-            args.val,
-            args.out,
-            target_sparsity=args.target_sparsity,
-            steps=args.steps,
-            end_fraction=args.end_fraction,
-            include_depthwise=args.prune_depthwise,
-            config=args.config,
-            learning_rate=args.lr,
-            name=args.name,
-            progress=not args.no_progress,
-        )
-    except TrainingDivergedError as e:
-        raise UserError(str(e)) from None
+    path = _fine_tune(
+        job,
+        args,
+        target_sparsity=args.target_sparsity,
+        end_fraction=args.end_fraction,
+        include_depthwise=args.prune_depthwise,
+    )
     info = read_info(path)
     print(f"  sparsity of the pruned layers: {info['pruned_sparsity']:.1%}")
     for row in info["layer_sparsity"]:
