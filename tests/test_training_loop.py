@@ -90,6 +90,44 @@ def test_restart_with_another_config_is_refused(base_run, corpus):
         Trainer(config, out, str(corpus / "train.tfrecord"), progress=False)
 
 
+def test_max_minutes_is_one_budget_across_resumes(corpus, tmp_path, monkeypatch):
+    """The wall time trained so far is checkpointed, so a killed run that is resumed (as a
+    tuner trial is) gets only the minutes it has left, not max_minutes again."""
+    import time
+    import types
+
+    config = TrainConfig.from_dict(tiny_config(training={"epochs": 4}))
+    data = str(corpus / "train.tfrecord")
+    out = tmp_path / "out"
+    clock = [0.0]
+
+    def slow_clock():  # the first run "takes" 30 s per clock reading
+        clock[0] += 30.0
+        return clock[0]
+
+    fake = types.SimpleNamespace(monotonic=slow_clock, process_time=time.process_time)
+    monkeypatch.setattr(trainer_module, "time", fake)
+    first = Trainer(config, out, data, progress=False).fit(max_steps=2)
+    monkeypatch.undo()
+    assert first.stopped_reason == "max_steps"
+    latest = tf.train.latest_checkpoint(str(out / "checkpoints"))
+    spent = float(tf.train.load_variable(latest, "wall_seconds/.ATTRIBUTES/VARIABLE_VALUE"))
+    assert spent >= 120.0
+
+    # With the real clock the 4 epochs (32 steps) take seconds; the 1-minute budget is
+    # already spent, so the resumed run stops after its first step.
+    second = Trainer(config, out, data, progress=False).fit(max_minutes=1.0)
+    assert second.stopped_reason == "max_minutes"
+    assert second.steps == 3
+    resumed = float(
+        tf.train.load_variable(
+            tf.train.latest_checkpoint(str(out / "checkpoints")),
+            "wall_seconds/.ATTRIBUTES/VARIABLE_VALUE",
+        )
+    )
+    assert resumed > spent
+
+
 def test_nan_loss_stops_before_any_checkpoint_of_the_bad_step(corpus, tmp_path):
     import tensorflow as tf
 

@@ -193,6 +193,17 @@ def make_schedule(config: TrainConfig, total_steps: int):
     )
 
 
+WALL_KEY = "wall_seconds"
+
+
+def _checkpoint_has(directory, name: str) -> bool:
+    """Whether the latest checkpoint in ``directory`` holds the top-level object ``name``."""
+    latest = tf.train.latest_checkpoint(str(directory))
+    if latest is None:
+        return False
+    return any(key.split("/")[0] == name for key, _ in tf.train.list_variables(latest))
+
+
 def _find_checkpoint(path: Path) -> str | None:
     """The newest checkpoint prefix in a run folder, a checkpoints folder, or a prefix."""
     for folder in (path / CHECKPOINT_DIR, path):
@@ -534,12 +545,18 @@ class Trainer:
             inner._create_all_weights(self.model.trainable_variables)
             self.epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.batch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
-        self.checkpoint = tf.train.Checkpoint(
+            # Wall-clock seconds of training so far, so that training.max_minutes is one budget
+            # across kills and resumes (a killed tuner trial does not get its minutes again).
+            self.wall_var = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="wall_seconds")
+        tracked = dict(
             model=self.model,
             optimizer=self.optimizer,
             epoch=self.epoch_var,
             batch_in_epoch=self.batch_var,
         )
+        if _checkpoint_has(self.checkpoint_dir, WALL_KEY) or not self._resuming:
+            tracked[WALL_KEY] = self.wall_var  # checkpoints written before it existed lack it
+        self.checkpoint = tf.train.Checkpoint(**tracked)
         directory = self.checkpoint_dir if self.is_chief else self._scratch_checkpoint_dir()
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(directory), max_to_keep=config.training.keep_checkpoints
@@ -667,10 +684,12 @@ class Trainer:
 
         history = {"train": [], "val": []}
         start_step = 0
+        spent_before = 0.0
         if self._resuming:
             latest = tf.train.latest_checkpoint(str(self.checkpoint_dir))
             self.checkpoint.restore(latest).assert_existing_objects_matched()
             start_step = int(self.optimizer.iterations.numpy())
+            spent_before = float(self.wall_var.numpy())
             history_path = self.out_dir / HISTORY_FILE
             if history_path.is_file():
                 saved = json.loads(history_path.read_text())
@@ -679,7 +698,8 @@ class Trainer:
                 }
             self._say(
                 f"Resuming from {latest}: step {start_step}, epoch {int(self.epoch_var.numpy()) + 1}, "
-                f"batch {int(self.batch_var.numpy())} of the epoch."
+                f"batch {int(self.batch_var.numpy())} of the epoch"
+                + (f", {spent_before / 60:.1f} min trained before." if spent_before else ".")
             )
         elif self.model_fn is None:  # with model_fn, _build_model did it before wrapping
             self._initialize_weights()
@@ -696,6 +716,11 @@ class Trainer:
         steps = {}
 
         started = time.monotonic()
+
+        def wall_seconds():
+            """Training wall time including the runs this one resumes."""
+            return spent_before + time.monotonic() - started
+
         step = start_step
         train_seconds = utterances = audio_frames = 0.0
         last_val_step = history["val"][-1]["step"] if history["val"] else None
@@ -733,6 +758,7 @@ class Trainer:
             if last_checkpoint_step == step:
                 return
             last_checkpoint_step = step
+            self.wall_var.assign(wall_seconds())
             path = self.manager.save(checkpoint_number=step)
             if not self.is_chief:
                 shutil.rmtree(self.manager.directory, ignore_errors=True)
@@ -766,9 +792,7 @@ class Trainer:
                     head_only = step < cfg.freeze_encoder_steps
                     if head_only not in steps:
                         steps[head_only] = step_makers[head_only](dist.element_spec)
-                    out_of_time = max_minutes is not None and (
-                        time.monotonic() - started > max_minutes * 60
-                    )
+                    out_of_time = max_minutes is not None and wall_seconds() > max_minutes * 60
                     t0, cpu0 = time.monotonic(), time.process_time()
                     totals = steps[head_only](
                         batch, tf.constant(step, tf.int64), tf.constant(float(out_of_time))
