@@ -191,9 +191,45 @@ def test_time_budget_stops_new_trials_and_survives_reload(tmp_path):
     assert resumed.create_trial("t").status == "RUNNING"
 
 
-def _completed(oracle, tuner_id):
+def test_soften_penalties_keeps_trained_scores_apart():
+    from qn_keras.tuning.tuner import soften_penalties
+
+    scores = [1.0, 100.0, 0.83, 100.0, 0.97]
+    soft = soften_penalties(scores, 100.0)
+    assert list(soft) == pytest.approx([1.0, 1.17, 0.83, 1.17, 0.97])
+    # Nothing trained yet, or nothing pruned: unchanged.
+    assert list(soften_penalties([100.0, 100.0], 100.0)) == [100.0, 100.0]
+    assert list(soften_penalties([0.5, 0.7], 100.0)) == [0.5, 0.7]
+    # One trained score: the penalty sits 10% above it.
+    assert list(soften_penalties([2.0, 1e6], 1e6)) == pytest.approx([2.0, 2.2])
+
+
+def test_bayesian_process_is_fitted_on_softened_penalties(tmp_path):
+    """The Bayesian oracle's (x, y) for its Gaussian process: trained trials keep their
+    scores, pruned ones (scored with the penalty) sit just above the worst trained one."""
+    from qn_keras.tuning.config import TuneConfig
+    from qn_keras.tuning.tuner import make_oracle
+
+    config = TuneConfig.from_dict(
+        {"space": {"width": [0.25, 0.5]}, "search": {"tuner": "bayesian", "max_trials": 10}}
+    )
+    oracle = make_oracle(config)
+    assert oracle.penalty == config.search.penalty == 100.0
+    oracle._set_project_dir(str(tmp_path), "p")
+    hp = oracle.get_space()
+    hp.Float("x", 0.0, 1.0)
+    oracle.update_space(hp)
+    for score in (0.9, 100.0, 0.6, 100.0):
+        oracle.create_trial("t")
+        oracle.end_trial(_completed(oracle, "t", score))
+    _, y = oracle._vectorize_trials()
+    assert sorted(y) == pytest.approx([0.6, 0.9, 1.2, 1.2])
+    assert oracle.create_trial("t").status == "RUNNING"  # the process fits and proposes
+
+
+def _completed(oracle, tuner_id, score=0.5):
     trial = oracle.ongoing_trials[tuner_id]
-    oracle.update_trial(trial.trial_id, {"val_wer": 0.5})
+    oracle.update_trial(trial.trial_id, {"val_wer": score})
     trial.status = "COMPLETED"
     return trial
 

@@ -102,8 +102,36 @@ class RandomSearchOracle(_TimeBudget, kt.oracles.RandomSearchOracle):
     pass
 
 
+def soften_penalties(scores, penalty: float):
+    """Scores for the Gaussian process, with every pruned or diverged trial's ``penalty``
+    lowered to one spread (worst minus best trained score) above the worst trained score.
+
+    Keras Tuner fits the process on normalized scores; next to a penalty of 100 (WER as a
+    fraction is ~0-1), every trained trial normalizes to the same value and the process can
+    only learn where models are infeasible, not which trained ones are better. The leaderboard
+    and Hyperband keep the real penalty; only the fit sees the softened one."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=float)
+    trained = scores[scores < penalty]
+    if trained.size == 0 or trained.size == scores.size:
+        return scores
+    worst = float(trained.max())
+    spread = max(worst - float(trained.min()), 0.1 * abs(worst), 1e-6)
+    return np.where(scores >= penalty, worst + spread, scores)
+
+
 class BayesianOptimizationOracle(_TimeBudget, kt.oracles.BayesianOptimizationOracle):
-    pass
+    """Bayesian optimization whose Gaussian process sees softened penalties
+    (:func:`soften_penalties`); ``penalty`` is set by :func:`make_oracle`."""
+
+    penalty: float | None = None
+
+    def _vectorize_trials(self):  # Keras Tuner 1.4's hook that builds the process's (x, y)
+        x, y = super()._vectorize_trials()
+        if self.penalty is None or len(y) == 0:
+            return x, y
+        return x, soften_penalties(y, self.penalty)
 
 
 class HyperbandOracle(_TimeBudget, kt.oracles.HyperbandOracle):
@@ -124,13 +152,15 @@ def make_oracle(config: TuneConfig) -> kt.Oracle:
         return RandomSearchOracle(max_trials=search.max_trials, **common)
     if search.tuner == "bayesian":
         b = search.bayesian
-        return BayesianOptimizationOracle(
+        oracle = BayesianOptimizationOracle(
             max_trials=search.max_trials,
             num_initial_points=b.num_initial_points,
             alpha=b.alpha,
             beta=b.beta,
             **common,
         )
+        oracle.penalty = search.penalty
+        return oracle
     hb = search.hyperband
     oracle = HyperbandOracle(
         max_epochs=hb.max_epochs, factor=hb.factor, hyperband_iterations=hb.iterations, **common
