@@ -128,6 +128,26 @@ def test_max_minutes_is_one_budget_across_resumes(corpus, tmp_path, monkeypatch)
     assert resumed > spent
 
 
+def test_checkpoint_without_wall_time_still_resumes(corpus, tmp_path):
+    """Checkpoints written before the wall time was kept resume (with no time counted)."""
+    import shutil
+
+    config = TrainConfig.from_dict(tiny_config(training={"epochs": 2}))
+    data, out = str(corpus / "train.tfrecord"), tmp_path / "out"
+    first = Trainer(config, out, data, progress=False)
+    first.fit(max_steps=2)
+    shutil.rmtree(out / "checkpoints")
+    old_style = tf.train.Checkpoint(
+        model=first.model,
+        optimizer=first.optimizer,
+        epoch=first.epoch_var,
+        batch_in_epoch=first.batch_var,
+    )
+    tf.train.CheckpointManager(old_style, str(out / "checkpoints"), 3).save(checkpoint_number=2)
+    second = Trainer(config, out, data, progress=False).fit(max_steps=3)
+    assert second.steps == 3 and second.stopped_reason == "max_steps"
+
+
 def test_nan_loss_stops_before_any_checkpoint_of_the_bad_step(corpus, tmp_path):
     import tensorflow as tf
 
