@@ -194,3 +194,124 @@ def test_manifest_dataset_featurizes_like_featurize_and_skips_bad(tmp_path, capl
     assert "skipped 4 of 8" in message
     for reason in ("bad_manifest_line", "missing_file", "too_short", "oov_transcript"):
         assert reason in message
+
+
+# Damaged records (written by another tool, or corrupted on disk) ----------------------------
+
+
+def _raw_record(values, feature_length, num_mels, labels, utt_id):
+    """A record in THE schema's layout whose fields need not agree with each other."""
+    feature = {
+        schema.FEATURES: tf.train.Feature(float_list=tf.train.FloatList(value=values)),
+        schema.FEATURE_LENGTH: tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[feature_length])
+        ),
+        schema.NUM_MELS: tf.train.Feature(int64_list=tf.train.Int64List(value=[num_mels])),
+        schema.LABELS: tf.train.Feature(int64_list=tf.train.Int64List(value=labels)),
+        schema.UTT_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[utt_id.encode()])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+_GOOD = np.ones((6, 64), np.float32)
+_NAN = _GOOD.copy()
+_NAN[2, 5] = np.nan
+_INF = _GOOD.copy()
+_INF[0, 0] = -np.inf
+DAMAGED = {
+    "nan": (_raw_record(_NAN.ravel(), 6, 64, [1, 2], "bad"), "1 non-finite feature values"),
+    "inf": (_raw_record(_INF.ravel(), 6, 64, [1, 2], "bad"), "1 non-finite feature values"),
+    "length": (_raw_record(_GOOD.ravel(), 9, 64, [1, 2], "bad"), "feature_length 9 but 6 frames"),
+    "no_frames": (_raw_record([], 0, 64, [1, 2], "bad"), "no feature frames"),
+    "partial_frame": (
+        _raw_record(_GOOD.ravel()[:-3], 6, 64, [1], "bad"),
+        "381 feature values do not fill whole frames of 64",
+    ),
+    "num_mels": (_raw_record(np.ones(6 * 80), 6, 80, [1], "bad"), "num_mels 80 where 64"),
+    "label_id": (_raw_record(_GOOD.ravel(), 6, 64, [1, 28], "bad"), "label id 28 outside"),
+    "negative_label": (_raw_record(_GOOD.ravel(), 6, 64, [-1], "bad"), "negative label id"),
+}
+
+
+def _shard_with(tmp_path, damaged: bytes):
+    path = tmp_path / "shard.tfrecord"
+    good = [schema.serialize_utterance(*_record(i, 10), "t", 0.1, f"ok{i}", "") for i in range(5)]
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in good[:3] + [damaged] + good[3:]:
+            writer.write(record)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_damaged_record_is_named_before_its_batch(case, tmp_path):
+    """Batches before the bad record come out; its batch raises, naming it, its file and the
+    problem (never a batch built from it)."""
+    from qn_keras.data import CorruptRecordError
+    from qn_keras.data.reader import raise_corrupt_record
+
+    record, problem = DAMAGED[case]
+    path = _shard_with(tmp_path, record)
+    ds = tfrecord_dataset(
+        str(path), 2, shuffle=False, bucket_boundaries=None, deterministic=True, num_labels=28
+    )
+    delivered = []
+    with pytest.raises(CorruptRecordError) as info:
+        try:
+            for batch in ds:
+                delivered.append(batch[0][1].numpy().tolist())
+        except tf.errors.InvalidArgumentError as e:
+            raise_corrupt_record(e)
+    assert delivered == [[10, 10]]  # the first batch; the second holds the bad record
+    assert f"utterance 'bad' in {path}: {problem}" in str(info.value)
+
+
+def test_damaged_records_kept_for_reporting(tmp_path):
+    """bad_records='keep' hands out a one-frame stand-in with its problem in the metadata, and
+    leaves the good records of its batch untouched."""
+    path = _shard_with(tmp_path, DAMAGED["nan"][0])
+    ds = tfrecord_dataset(
+        str(path),
+        8,
+        shuffle=False,
+        bucket_boundaries=None,
+        deterministic=True,
+        num_labels=28,
+        with_metadata=True,
+        bad_records="keep",
+    )
+    (features, lengths), (_, label_lengths), meta = next(iter(ds))
+    problems = [p.decode() for p in meta["problem"].numpy()]
+    assert [bool(p) for p in problems] == [False, False, False, True, False, False]
+    assert lengths.numpy()[3] == 1 and label_lengths.numpy()[3] == 1
+    assert np.all(np.isfinite(features.numpy()))
+    np.testing.assert_array_equal(features[0, :10].numpy(), _record(0, 10)[0])
+
+
+def test_manifest_audio_with_non_finite_features_is_named(tmp_path):
+    """Finite audio far beyond full scale overflows the power spectrum: the featurized
+    utterance is refused by name, not transcribed or trained on."""
+    import soundfile as sf
+
+    from qn_keras.data import CorruptRecordError
+    from qn_keras.data.reader import raise_corrupt_record
+
+    loud = tmp_path / "loud.wav"
+    sf.write(str(loud), (tone(1.0) * 1e30).astype(np.float32), 16000, subtype="FLOAT")
+    manifest = write_manifest(
+        tmp_path / "m.json", [{"audio_filepath": str(loud), "duration": 1.0, "text": "a"}]
+    )
+    ds = manifest_dataset(
+        str(manifest),
+        CharTokenizer(),
+        None,
+        1,
+        shuffle=False,
+        bucket_boundaries=None,
+        deterministic=True,
+        cache=False,
+    )
+    with pytest.raises(CorruptRecordError, match=r"in .*loud\.wav: \d+ non-finite feature"):
+        try:
+            list(ds)
+        except tf.errors.InvalidArgumentError as e:
+            raise_corrupt_record(e)

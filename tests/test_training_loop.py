@@ -62,7 +62,8 @@ def test_tiny_model_learns_and_writes_outputs(base_run):
     assert result.steps == report["steps"] == 24  # 32 utterances / batch 4, 3 epochs
     assert report["stopped_reason"] == "epochs" and report["epochs_completed"] == 3
     assert report["data"]["train"]["utterances"] == 32
-    assert report["throughput"]["utterances_per_s"] > 0
+    # Throughput leaves out the first step, which traces the graph: 23 timed steps of 4.
+    assert report["throughput"]["timed_steps"] == 23
     assert report["config"]["optimizer"]["name"] == "novograd"
     losses = [h["loss"] for h in history["train"]]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
@@ -148,10 +149,11 @@ def test_checkpoint_without_wall_time_still_resumes(corpus, tmp_path):
     assert second.steps == 3 and second.stopped_reason == "max_steps"
 
 
-def test_nan_loss_stops_before_any_checkpoint_of_the_bad_step(corpus, tmp_path):
-    import tensorflow as tf
-
-    from qn_keras.data import schema
+def test_corrupt_record_stops_before_the_step_that_would_use_it(corpus, tmp_path):
+    """One NaN feature value in the third batch: the run stops naming the record and its
+    shard before that batch is trained on, whatever the CPU's kernels do with NaN (oneDNN's
+    fused BatchNorm+ReLU turns it into 0 and the loss stays finite)."""
+    from qn_keras.data import CorruptRecordError, schema
 
     records = [bytes(r.numpy()) for r in tf.data.TFRecordDataset(str(corpus / "train.tfrecord"))]
     path = tmp_path / "nan.tfrecord"
@@ -170,11 +172,36 @@ def test_nan_loss_stops_before_any_checkpoint_of_the_bad_step(corpus, tmp_path):
     )
     trainer = Trainer(config, tmp_path / "out", str(path), progress=False)
     with pytest.raises(
-        TrainingDivergedError, match=r"Training loss became nan at step 3 \(epoch 1\)"
+        CorruptRecordError,
+        match=rf"utterance 'bad' in {path}: 1 non-finite feature values",
     ):
         trainer.fit()
     checkpoints = tf.train.get_checkpoint_state(str(tmp_path / "out" / "checkpoints"))
     assert checkpoints.model_checkpoint_path.endswith("ckpt-2")
+    assert not (tmp_path / "out" / "model").exists()
+    # Nothing of the bad batch reached the weights: every variable is finite.
+    assert all(np.all(np.isfinite(v.numpy())) for v in trainer.model.variables)
+
+
+def test_diverging_loss_stops_before_any_checkpoint_of_the_bad_step(corpus, tmp_path):
+    """Clean data, absurd learning rate: the weights blow up after the first update and the
+    loss/gradient check stops the run before the diverged step is checkpointed."""
+    import re
+
+    config = TrainConfig.from_dict(
+        tiny_config(
+            optimizer={"learning_rate": 1e30},
+            data={"shuffle": False},
+            training={"epochs": 2, "checkpoint_every_steps": 1},
+        )
+    )
+    trainer = Trainer(config, tmp_path / "out", str(corpus / "train.tfrecord"), progress=False)
+    with pytest.raises(TrainingDivergedError, match=r"Training (loss|gradient norm) became") as e:
+        trainer.fit()
+    step = int(re.search(r"at step (\d+) \(epoch 1\)", str(e.value)).group(1))
+    assert step >= 2  # the first step runs on the initial, finite weights
+    checkpoints = tf.train.get_checkpoint_state(str(tmp_path / "out" / "checkpoints"))
+    assert checkpoints.model_checkpoint_path.endswith(f"ckpt-{step - 1}")
     assert not (tmp_path / "out" / "model").exists()
 
 
@@ -238,3 +265,36 @@ def test_qn_evaluate_writes_worst_first(base_run, tmp_path):
     errors = [r["word_errors"] for r in rows]
     assert errors == sorted(errors, reverse=True)
     assert {"reference", "hypothesis", "word_errors", "cer"} <= set(rows[0])
+
+
+def test_qn_evaluate_reports_unusable_utterances_instead_of_scoring_them(base_run, tmp_path):
+    import soundfile as sf
+
+    out, _, _ = base_run
+    entries = [
+        json.loads(line)
+        for line in (REPO / "sample_data" / "dev.json").read_text().splitlines()[:2]
+    ]
+    for e in entries:
+        e["audio_filepath"] = str(REPO / "sample_data" / e["audio_filepath"])
+    loud = tmp_path / "loud.wav"
+    waveform, rate = sf.read(entries[0]["audio_filepath"], dtype="float32")
+    sf.write(loud, waveform * 1e30, rate, subtype="FLOAT")  # finite samples, features overflow
+    entries.append({"audio_filepath": str(loud), "duration": entries[0]["duration"], "text": "x"})
+    manifest = tmp_path / "dev3.json"
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qn_cli", "evaluate", "--model", str(out / "model")]
+        + ["--manifest", str(manifest), "--output", str(results), "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "utterances: 2" in proc.stdout and "rejected: 1" in proc.stdout
+    assert "loud" in proc.stderr and "non-finite feature values" in proc.stderr
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [("error" in r) for r in rows] == [False, False, True]
+    assert "hypothesis" not in rows[2] and rows[2]["reference"] == "x"

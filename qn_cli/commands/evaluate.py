@@ -4,7 +4,9 @@
 
 Greedy decoding. Transcripts are normalized with the model's tokenizer before scoring. The
 per-utterance JSON lines (reference, hypothesis, word and character errors) are written worst
-first.
+first. Utterances that cannot be scored (non-finite features, damaged records, label ids
+outside the model's vocabulary) are reported by id, not scored: they are listed on stderr and
+in the output with an "error" field instead of a hypothesis.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def register(subparsers):
 def run(args) -> int:
     import json
     import os
+    import sys
     from pathlib import Path
 
     from tqdm import tqdm
@@ -55,7 +58,13 @@ def run(args) -> int:
 
         data = from_tfrecords(source)
         data.check_compatible(bundle.tokenizer, bundle.featurizer)
-        dataset = data.dataset(args.batch_size, training=False, with_metadata=True)
+        dataset = data.dataset(
+            args.batch_size,
+            training=False,
+            with_metadata=True,
+            num_labels=len(bundle.tokenizer.labels),
+            bad_records="keep",
+        )
         total = data.num_utterances
     else:
         dataset = reader.manifest_dataset(
@@ -68,12 +77,18 @@ def run(args) -> int:
             deterministic=True,
             cache=False,
             with_metadata=True,
+            bad_records="keep",
         )
         total = None
     with tqdm(total=total, unit="utt", desc="evaluating", disable=args.no_progress) as bar:
         result = evaluate(bundle.model, dataset, bundle.tokenizer, progress=bar)
     rows = sorted(result.utterances, key=lambda r: (-r["word_errors"], -r["cer"], r["utt_id"]))
+    rows += result.rejected
+    for bad in result.rejected:
+        print(f"qn evaluate: not scored: {bad['utt_id']}: {bad['error']}", file=sys.stderr)
     print(f"utterances: {result.num_utterances}")
+    if result.rejected:
+        print(f"rejected: {len(result.rejected)} (not scored; see above)")
     print(f"WER: {result.wer:.2%}")
     print(f"CER: {result.cer:.2%}")
     if args.output:

@@ -13,9 +13,11 @@ from qn_keras.data.manifest import (
 )
 from qn_keras.data.reader import manifest_dataset, read_dataset_info, tfrecord_dataset
 from qn_keras.data.text import OOV_POLICIES, TranscriptError, tokenize_transcript
+from qn_keras.data.validation import CorruptRecordError
 
 __all__ = [
     "BAD_MANIFEST_LINE",
+    "CorruptRecordError",
     "OOV_POLICIES",
     "ManifestFailure",
     "TranscriptError",

@@ -8,7 +8,15 @@ Both readers yield the same elements::
 
 Features past each length are 0; labels past each length are ``label_pad_value`` (0 by
 default; CTC losses must use ``label_lengths``). With ``with_metadata=True`` a third element
-``{"utt_id", "transcript", "duration"}`` (each ``[B]``) follows.
+``{"utt_id", "transcript", "duration", "problem"}`` (each ``[B]``) follows.
+
+Every record is checked as it is parsed (:mod:`qn_keras.data.validation`: features that are
+not finite or do not match their lengths, label ids outside the vocabulary). With
+``bad_records="raise"`` (the default) iterating reaches an ``InvalidArgumentError`` naming the
+utterance and its file, before the batch holding it is handed out;
+:func:`raise_corrupt_record` turns it into :class:`~qn_keras.data.validation.CorruptRecordError`.
+With ``"keep"`` the record is replaced by a one-frame silent stand-in with one label, and
+its metadata ``problem`` says what was wrong, for callers that report per utterance.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras.audio import AudioError, check_waveform, decode_audio
-from qn_keras.data import schema
+from qn_keras.data import schema, validation
 from qn_keras.data.manifest import ManifestFailure, read_utterances
 from qn_keras.data.text import OOV_POLICIES, TranscriptError, tokenize_transcript
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
@@ -85,6 +93,46 @@ def _num_mels(first_file: str, compression: str | None, info: dict | None) -> in
     return None
 
 
+def raise_corrupt_record(error: BaseException) -> None:
+    """Re-raises a dataset iteration error from a bad record as CorruptRecordError."""
+    message = validation.corrupt_record_message(error)
+    if message is None:
+        raise error
+    raise validation.CorruptRecordError(f"Corrupt input record: {message}") from None
+
+
+def _checked(record: dict, source, bad_records: str) -> dict:
+    """Applies the ``bad_records`` policy to a parsed record (see the module docstring)."""
+    problem = record[schema.PROBLEM]
+    if bad_records == "raise":
+        with tf.control_dependencies(
+            [validation.assert_usable(problem, record[schema.UTT_ID], source)]
+        ):
+            return {**record, schema.FEATURES: tf.identity(record[schema.FEATURES])}
+    bad = tf.not_equal(problem, "")
+    features = record[schema.FEATURES]
+    stand_in = tf.zeros([1, tf.shape(features)[1]], features.dtype)
+    return {
+        **record,
+        schema.FEATURES: tf.cond(bad, lambda: stand_in, lambda: features),
+        schema.FEATURE_LENGTH: tf.where(bad, 1, record[schema.FEATURE_LENGTH]),
+        # One label (id 0): TensorFlow's CTC loss refuses empty ones, and the stand-in's loss
+        # is never counted.
+        schema.LABELS: tf.cond(bad, lambda: tf.zeros([1], tf.int32), lambda: record[schema.LABELS]),
+        "label_length": tf.where(bad, 1, record["label_length"]),
+    }
+
+
+def _check_policy(bad_records: str, with_metadata: bool) -> None:
+    if bad_records not in validation.BAD_RECORD_POLICIES:
+        raise ValueError(
+            f"bad_records must be one of {validation.BAD_RECORD_POLICIES}. "
+            f"Received: {bad_records!r}"
+        )
+    if bad_records == "keep" and not with_metadata:
+        raise ValueError("bad_records='keep' needs with_metadata=True (its 'problem' entry).")
+
+
 def _as_training_tuple(record: dict, with_metadata: bool):
     inputs = (record[schema.FEATURES], record[schema.FEATURE_LENGTH])
     targets = (record[schema.LABELS], record["label_length"])
@@ -94,6 +142,7 @@ def _as_training_tuple(record: dict, with_metadata: bool):
         schema.UTT_ID: record[schema.UTT_ID],
         schema.TRANSCRIPT: record[schema.TRANSCRIPT],
         schema.DURATION: record[schema.DURATION],
+        schema.PROBLEM: record[schema.PROBLEM],
     }
     return inputs, targets, meta
 
@@ -137,7 +186,10 @@ def _batch(
 ) -> tf.data.Dataset:
     padding = ((0.0, 0), (label_pad_value, 0))
     if with_metadata:
-        padding = (*padding, {schema.UTT_ID: "", schema.TRANSCRIPT: "", schema.DURATION: 0.0})
+        padding = (
+            *padding,
+            {schema.UTT_ID: "", schema.TRANSCRIPT: "", schema.DURATION: 0.0, schema.PROBLEM: ""},
+        )
     if bucket_boundaries:
         return dataset.bucket_by_sequence_length(
             element_length_func=lambda inputs, *rest: inputs[1],
@@ -168,6 +220,8 @@ def tfrecord_dataset(
     shuffle_buffer: int = 2048,
     label_pad_value: int = 0,
     with_metadata: bool = False,
+    num_labels: int | None = None,
+    bad_records: str = "raise",
 ) -> tf.data.Dataset:
     """Padded, optionally length-bucketed batches from the pipeline's TFRecord shards.
 
@@ -186,12 +240,17 @@ def tfrecord_dataset(
         repeat: repeat indefinitely.
         drop_remainder: drop each bucket's last partial batch.
         label_pad_value: value of label positions past each label length.
-        with_metadata: add a third element with utterance ids, transcripts and durations.
+        with_metadata: add a third element with utterance ids, transcripts, durations and
+            problems.
+        num_labels: label ids must be below it (the tokenizer's number of labels); None
+            checks only that they are not negative.
+        bad_records: "raise" or "keep" (see the module docstring).
 
     Example:
         >>> ds = tfrecord_dataset("features/train", batch_size=32, seed=1)  # doctest: +SKIP
         >>> (feats, feat_lens), (labels, label_lens) = next(iter(ds))  # doctest: +SKIP
     """
+    _check_policy(bad_records, with_metadata)
     files, compression, info = _shard_files(path_or_dir)
     num_mels = _num_mels(files[0], compression, info)
     if deterministic and seed is None:
@@ -207,8 +266,11 @@ def tfrecord_dataset(
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if shuffle and len(files) > 1:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    # Each record travels with its shard's path, so a bad one can be named with its file.
     dataset = dataset.interleave(
-        lambda f: tf.data.TFRecordDataset(f, compression_type=compression or ""),
+        lambda f: tf.data.TFRecordDataset(f, compression_type=compression or "").map(
+            lambda s: (s, f)
+        ),
         cycle_length=min(len(files), 8),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
@@ -218,7 +280,9 @@ def tfrecord_dataset(
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset.map(
-        lambda s: _as_training_tuple(schema.parse_example(s, num_mels), with_metadata),
+        lambda s, f: _as_training_tuple(
+            _checked(schema.parse_example(s, num_mels, num_labels), f, bad_records), with_metadata
+        ),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )
@@ -265,7 +329,7 @@ class _ManifestSource:
             except (AudioError, TranscriptError) as e:
                 skipped[e.reason] += 1
                 continue
-            yield waveform, labels, utt.utt_id, text
+            yield waveform, labels, utt.utt_id, text, os.fspath(utt.audio_filepath)
         total = skipped + self.skipped
         if total:
             logger.warning(
@@ -294,6 +358,7 @@ def manifest_dataset(
     cache: bool = True,
     label_pad_value: int = 0,
     with_metadata: bool = False,
+    bad_records: str = "raise",
 ) -> tf.data.Dataset:
     """Batches like :func:`tfrecord_dataset`, featurizing manifests' audio on the fly.
 
@@ -313,6 +378,7 @@ def manifest_dataset(
     """
     if oov not in OOV_POLICIES:
         raise ValueError(f"oov must be one of {OOV_POLICIES}. Received: oov={oov!r}")
+    _check_policy(bad_records, with_metadata)
     config = featurizer_config or FeaturizerConfig()
     if isinstance(manifest_paths, str | os.PathLike):
         manifest_paths = [manifest_paths]
@@ -344,22 +410,27 @@ def manifest_dataset(
             tf.TensorSpec([None], tf.int32),
             tf.TensorSpec([], tf.string),
             tf.TensorSpec([], tf.string),
+            tf.TensorSpec([], tf.string),
         ),
     )
     layer = LogMelSpectrogram(**config.to_dict())
 
-    def featurize(waveform, labels, utt_id, text):
+    def featurize(waveform, labels, utt_id, text, path):
         num_samples = tf.shape(waveform)[0]
         features, lengths = layer(waveform[None, :], num_samples[None], training=False)
-        return {
-            schema.FEATURES: features[0, : lengths[0]],
+        features = features[0, : lengths[0]]
+        # Finite audio can still give non-finite features (float files far beyond full scale).
+        record = {
+            schema.FEATURES: features,
             schema.FEATURE_LENGTH: lengths[0],
             schema.LABELS: labels,
             "label_length": tf.size(labels, out_type=tf.int32),
             schema.UTT_ID: utt_id,
             schema.TRANSCRIPT: text,
             schema.DURATION: tf.cast(num_samples, tf.float32) / float(config.sample_rate),
+            schema.PROBLEM: validation.feature_problem(features),
         }
+        return _checked(record, path, bad_records)
 
     dataset = dataset.map(featurize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache:

@@ -112,29 +112,77 @@ def serialize_utterance(
     return example.SerializeToString()
 
 
-def parse_example(serialized: tf.Tensor, num_mels: int | None = None) -> dict:
+PROBLEM = "problem"  # parse-time check result (qn_keras.data.validation); "" if usable
+
+
+def parse_example(
+    serialized: tf.Tensor, num_mels: int | None = None, num_labels: int | None = None
+) -> dict:
     """Parses one serialized record (a scalar string tensor) into a dict of tensors.
 
     ``num_mels``, when given, makes the features' last dimension static (Keras layers need it);
-    otherwise it is read from the record. Returns ``features`` float32 ``[frames, num_mels]``, ``feature_length`` int32,
-    ``labels`` int32 ``[tokens]``, ``label_length`` int32, ``transcript``, ``utt_id`` and
-    ``source`` strings and ``duration`` float32. Works eagerly and inside ``Dataset.map``.
+    otherwise it is read from the record. Returns ``features`` float32 ``[frames, num_mels]``,
+    ``feature_length`` int32, ``labels`` int32 ``[tokens]``, ``label_length`` int32,
+    ``transcript``, ``utt_id`` and ``source`` strings, ``duration`` float32, and ``problem``:
+    ``""`` for a usable record, else what is wrong with it (see
+    :mod:`qn_keras.data.validation`; ``num_labels`` bounds the label ids). A record whose
+    values do not reshape still parses (its features are cut to whole frames) so that the
+    problem can name it. Works eagerly and inside ``Dataset.map``.
     """
+    from qn_keras.data import validation
+
     parsed = tf.io.parse_single_example(serialized, feature_spec())
-    if num_mels is None:
-        features = tf.reshape(parsed[FEATURES], [-1, tf.cast(parsed[NUM_MELS], tf.int32)])
-    else:
-        features = tf.reshape(parsed[FEATURES], [-1, int(num_mels)])
+    stored_mels = tf.cast(parsed[NUM_MELS], tf.int32)
+    width = stored_mels if num_mels is None else tf.constant(int(num_mels))
+    flat = parsed[FEATURES]
+    size = tf.size(flat)
+    rows = size // tf.maximum(width, 1)
+    features = tf.reshape(flat[: rows * tf.maximum(width, 1)], [-1, tf.maximum(width, 1)])
+    if num_mels is not None:
+        features = tf.ensure_shape(features, [None, int(num_mels)])
+    layout = validation.combine(
+        tf.where(
+            tf.not_equal(stored_mels, width),
+            tf.strings.join(
+                [
+                    "num_mels ",
+                    tf.strings.as_string(stored_mels),
+                    " where ",
+                    tf.strings.as_string(width),
+                    " is expected",
+                ]
+            ),
+            "",
+        ),
+        tf.where(
+            tf.logical_or(width <= 0, tf.not_equal(size % tf.maximum(width, 1), 0)),
+            tf.strings.join(
+                [
+                    tf.strings.as_string(size),
+                    " feature values do not fill whole frames of ",
+                    tf.strings.as_string(width),
+                ]
+            ),
+            "",
+        ),
+    )
+    feature_length = tf.cast(parsed[FEATURE_LENGTH], tf.int32)
     labels = tf.cast(parsed[LABELS], tf.int32)
+    problem = validation.combine(
+        layout,
+        validation.feature_problem(features, feature_length),
+        validation.label_problem(labels, num_labels),
+    )
     return {
         FEATURES: features,
-        FEATURE_LENGTH: tf.cast(parsed[FEATURE_LENGTH], tf.int32),
+        FEATURE_LENGTH: feature_length,
         LABELS: labels,
         "label_length": tf.size(labels, out_type=tf.int32),
         TRANSCRIPT: parsed[TRANSCRIPT],
         DURATION: parsed[DURATION],
         UTT_ID: parsed[UTT_ID],
         SOURCE: parsed[SOURCE],
+        PROBLEM: problem,
     }
 
 

@@ -66,9 +66,13 @@ class DataSource:
         bucket_boundaries=None,
         drop_remainder: bool = False,
         with_metadata: bool = False,
+        num_labels: int | None = None,
+        bad_records: str = "raise",
     ) -> tf.data.Dataset:
         """One pass over the data: shuffled with ``seed + epoch`` when ``training``, in file
-        order otherwise; always in a deterministic order."""
+        order otherwise; always in a deterministic order. Every record is checked as it is
+        read (``num_labels`` bounds the label ids; ``bad_records`` as
+        :func:`~qn_keras.data.reader.tfrecord_dataset`)."""
         return reader.tfrecord_dataset(
             self.path,
             batch_size,
@@ -79,6 +83,8 @@ class DataSource:
             repeat=False,
             drop_remainder=drop_remainder,
             with_metadata=with_metadata,
+            num_labels=num_labels,
+            bad_records=bad_records,
         )
 
     def check_compatible(self, tokenizer, featurizer) -> None:

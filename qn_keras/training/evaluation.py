@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import tensorflow as tf
 
 from qn_keras.data import schema
@@ -17,13 +16,16 @@ from qn_keras.training.losses import ctc_per_utterance
 class EvaluationResult:
     """Corpus metrics and, if kept, one dict per utterance (``utt_id``, ``reference``,
     ``hypothesis``, ``word_errors``, ``words``, ``char_errors``, ``chars``, ``wer``, ``cer``,
-    ``loss``). ``loss`` is NeMo's ``mean_batch`` reduction over the whole set."""
+    ``loss``). ``loss`` is NeMo's ``mean_batch`` reduction over the whole set. ``rejected``
+    lists the utterances the reader found unusable (``utt_id``, ``reference``, ``error``),
+    which are not scored."""
 
     loss: float
     wer: float
     cer: float
     num_utterances: int
     utterances: list = dataclasses.field(default_factory=list)
+    rejected: list = dataclasses.field(default_factory=list)
 
     def metrics(self) -> dict:
         return {
@@ -57,7 +59,9 @@ def make_eval_step(model):
 def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=None, progress=None):
     """Evaluates ``model`` on batches of ``((features, lengths), (labels, label_lengths)[,
     metadata])``; references are the metadata transcripts when present, else the decoded
-    labels. ``step`` reuses a :func:`make_eval_step` function across calls."""
+    labels. Utterances whose metadata ``problem`` is set (a reader with
+    ``bad_records="keep"``) are listed in ``rejected`` instead of scored. ``step`` reuses a
+    :func:`make_eval_step` function across calls."""
     step = step or make_eval_step(model)
     blank = model.output_shape[0][-1] - 1 if hasattr(model, "output_shape") else tokenizer.blank_id
     if blank != tokenizer.blank_id:
@@ -67,7 +71,7 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
         )
     total_loss, count = 0.0, 0
     word_err = word_total = char_err = char_total = 0
-    rows = []
+    rows, rejected = [], []
     for element in dataset:
         (features, feature_lengths), (labels, label_lengths) = element[0], element[1]
         meta = element[2] if len(element) > 2 else None
@@ -82,10 +86,18 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
         else:
             lab, lab_len = labels.numpy(), label_lengths.numpy()
             refs = [tokenizer.decode(lab[i, : lab_len[i]].tolist()) for i in range(len(lab))]
-            ids = [str(count + i) for i in range(len(refs))]
+            ids = [str(count + len(rejected) + i) for i in range(len(refs))]
+        problems = [""] * len(refs)
+        if meta is not None and schema.PROBLEM in meta:
+            problems = [p.decode("utf-8") for p in meta[schema.PROBLEM].numpy()]
         losses = losses.numpy()
-        total_loss += float(np.sum(losses))
+        scored = 0
         for i, (ref, hyp) in enumerate(zip(refs, hyps, strict=True)):
+            if problems[i]:
+                rejected.append({"utt_id": ids[i], "reference": ref, "error": problems[i]})
+                continue
+            scored += 1
+            total_loss += float(losses[i])
             we, wn = word_errors(ref, hyp)
             ce, cn = char_errors(ref, hyp)
             word_err, word_total, char_err, char_total = (
@@ -109,11 +121,12 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
                         "loss": float(losses[i]),
                     }
                 )
-        count += len(refs)
+        count += scored
         if progress is not None:
             progress.update(len(refs))
     if count == 0:
-        raise ValueError("Evaluation data is empty.")
+        detail = f" ({len(rejected)} utterances rejected as unusable)" if rejected else ""
+        raise ValueError(f"Evaluation data is empty{detail}.")
     if word_total == 0:
         raise ValueError("Every reference transcript is empty; WER is undefined.")
     return EvaluationResult(
@@ -122,4 +135,5 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
         cer=char_err / max(char_total, 1),
         num_utterances=count,
         utterances=rows,
+        rejected=rejected,
     )

@@ -10,8 +10,15 @@ counter, and the position in the epoch) every ``checkpoint_every_steps`` steps a
 epoch end. Every epoch reads a freshly built dataset shuffled with ``seed + epoch`` in a
 deterministic order, and augmentation draws are stateless functions of ``(seed, step,
 replica)``, so a run killed at any point and started again with the same command continues
-from the last checkpoint as if it had not stopped. The loss is checked every step: a NaN or
-infinite loss stops the run with :class:`TrainingDivergedError` before anything is saved.
+from the last checkpoint as if it had not stopped.
+
+Inputs are checked before they are trained on: the reader validates every record as it parses
+it (finite features, lengths that match the tensors, label ids inside the vocabulary) and a bad
+one stops the run with :class:`~qn_keras.data.validation.CorruptRecordError` naming the
+utterance and its shard, before the step that would use it. NaN cannot be relied on to reach
+the loss (oneDNN's fused BatchNorm+ReLU maps it to 0; see :mod:`qn_keras.data.validation`).
+The loss and the gradient norm are also checked every step: NaN or infinity stops the run with
+:class:`TrainingDivergedError` before anything is saved.
 
 Outputs in ``out_dir``::
 
@@ -41,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from qn_keras.data import reader
 from qn_keras.featurizer import FeaturizerConfig
 from qn_keras.model_dir import ModelBundle, is_model_dir, load_model_dir, save_model_dir
 from qn_keras.tokenizer import CharTokenizer
@@ -79,7 +87,22 @@ RESTART_KEYS = {
 
 
 class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite; nothing from that step was saved."""
+    """The training loss or gradients became NaN or infinite; nothing from that step was
+    saved."""
+
+
+def _checked_batches(dataset):
+    """Iterates ``dataset``; a record the reader found unusable raises CorruptRecordError
+    (naming it) when its batch is due, before any step trains on it."""
+    iterator = iter(dataset)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.InvalidArgumentError as e:
+            reader.raise_corrupt_record(e)
+        yield batch
 
 
 @dataclasses.dataclass
@@ -631,7 +654,11 @@ class Trainer:
                 grads = optimizer.get_unscaled_gradients(grads)
             optimizer.apply_gradients(zip(grads, variables, strict=True))
             frames = tf.cast(tf.reduce_sum(feature_lengths), tf.float32)
-            totals = ctx.all_reduce("sum", tf.stack([loss, local_count, frames, stop_flag]))
+            # Summed over replicas, so a NaN or infinite gradient on any replica shows.
+            grad_norm = tf.cast(tf.linalg.global_norm(grads), tf.float32)
+            totals = ctx.all_reduce(
+                "sum", tf.stack([loss, local_count, frames, stop_flag, grad_norm])
+            )
             return totals
 
         def train_step(batch, step, stop_flag):
@@ -778,6 +805,7 @@ class Trainer:
                     epoch=epoch,
                     bucket_boundaries=self.train_buckets,
                     drop_remainder=self.drop_remainder,
+                    num_labels=len(self.tokenizer.labels),
                 )
                 if skip:
                     dataset = dataset.skip(skip)
@@ -788,7 +816,7 @@ class Trainer:
                 dist = self.strategy.experimental_distribute_dataset(dataset.with_options(options))
                 bar = self._progress_bar(epoch, skip)
                 batch_index = skip
-                for batch in dist:
+                for batch in _checked_batches(dist):
                     head_only = step < cfg.freeze_encoder_steps
                     if head_only not in steps:
                         steps[head_only] = step_makers[head_only](dist.element_spec)
@@ -797,10 +825,12 @@ class Trainer:
                     totals = steps[head_only](
                         batch, tf.constant(step, tf.int64), tf.constant(float(out_of_time))
                     )
-                    loss, count, frames, stop_votes = (float(v) for v in totals.numpy())
-                    if not math.isfinite(loss):
+                    loss, count, frames, stop_votes, grad_norm = (float(v) for v in totals.numpy())
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        what = "loss" if not math.isfinite(loss) else "gradient norm"
+                        value = loss if what == "loss" else grad_norm
                         raise TrainingDivergedError(
-                            f"Training loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
+                            f"Training {what} became {value} at step {step + 1} (epoch {epoch + 1}); "
                             "stopped without saving that step. The last checkpoint "
                             f"({self.manager.latest_checkpoint or 'none'}) is intact: lower "
                             "optimizer.learning_rate, add schedule warmup, or use float32."
@@ -943,11 +973,21 @@ class Trainer:
             return None
         self._sync_eval_model()
         dataset = self.val_data.dataset(
-            self.config.data.eval_batch_size, training=False, with_metadata=True
+            self.config.data.eval_batch_size,
+            training=False,
+            with_metadata=True,
+            num_labels=len(self.tokenizer.labels),
         )
-        result = evaluate(
-            self.eval_model, dataset, self.tokenizer, keep_utterances=False, step=self._eval_step
-        )
+        try:
+            result = evaluate(
+                self.eval_model,
+                dataset,
+                self.tokenizer,
+                keep_utterances=False,
+                step=self._eval_step,
+            )
+        except tf.errors.InvalidArgumentError as e:
+            reader.raise_corrupt_record(e)
         return {"loss": result.loss, "wer": result.wer, "cer": result.cer}
 
     def _bundle(self, model, metadata) -> ModelBundle:
