@@ -16,7 +16,16 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
-REASONS = ("missing_file", "unreadable_audio", "empty_audio", "too_short", "too_long", "non_finite")
+REASONS = (
+    "missing_file",
+    "unreadable_audio",
+    "empty_audio",
+    "too_short",
+    "too_long",
+    "non_finite",
+    # Finite samples whose log-mel features are not (float audio far beyond full scale).
+    "non_finite_features",
+)
 
 
 class AudioError(ValueError):
@@ -80,9 +89,12 @@ def check_waveform(
     max_duration: float | None = None,
     name: str = "audio",
 ) -> None:
-    """Raises AudioError if the waveform is empty, too short for two frames, or too long."""
+    """Raises AudioError if the waveform is empty, too short for two frames, too long, or
+    holds NaN or infinite samples."""
     if waveform.size == 0:
         raise AudioError("empty_audio", f"Audio is empty (0 samples): {name}")
+    if not np.all(np.isfinite(waveform)):
+        raise AudioError("non_finite", f"Audio contains NaN or infinite samples: {name}")
     if waveform.size < min_samples:
         raise AudioError(
             "too_short",

@@ -7,6 +7,7 @@ folders, warmup requests and more signatures on top of :class:`SpeechRecognizer`
 
 from __future__ import annotations
 
+import re
 import types
 
 import tensorflow as tf
@@ -16,6 +17,85 @@ from qn_keras.featurizer import LogMelSpectrogram
 
 WAVEFORM_SPEC = tf.TensorSpec([None, None], tf.float32, name="waveform")
 LENGTHS_SPEC = tf.TensorSpec([None], tf.int32, name="lengths")
+
+
+def refusal_message(error: tf.errors.OpError) -> str:
+    """The readable part of an InvalidArgumentError from a graph check: the assertion's text
+    (``assertion failed: [TEXT]``), else the message without TensorFlow's node annotations."""
+    text = error.message
+    if "assertion failed: [" in text:
+        line = text.split("assertion failed: ", 1)[1].split("\n", 1)[0].strip()
+        return " ".join(line[1:-1].split("] ["))
+    return re.sub(r"\s*\[\[.*", "", re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)).strip()
+
+
+def _items(bad: tf.Tensor) -> tf.Tensor:
+    """``"0, 3"``: the batch indices where ``bad`` is true."""
+    indices = tf.where(bad)[:, 0]
+    return tf.strings.reduce_join(tf.strings.as_string(indices), separator=", ")
+
+
+def _check(bad: tf.Tensor, what: tf.Tensor | str, problem: str) -> tf.Operation:
+    """An assertion failing with ``{what} {items}: {problem}`` (InvalidArgumentError, which
+    TF Serving answers as 400 / INVALID_ARGUMENT)."""
+    text = tf.strings.join([what, " ", _items(bad), ": ", problem])
+    return tf.debugging.Assert(tf.logical_not(tf.reduce_any(bad)), [text])
+
+
+def request_checks(waveform, lengths, min_samples: int, sample_rate: int) -> list:
+    """Assertions on a ``serving_default`` request, in the graph so that they hold wherever
+    the SavedModel runs: one length per waveform, lengths in ``[min_samples, samples]``, and
+    finite samples within each length. Without them a NaN waveform, a negative length or a
+    length past the samples given would come back as a confident transcript."""
+    samples = tf.shape(waveform)[1]
+    batch = tf.debugging.assert_equal(
+        tf.shape(lengths)[0],
+        tf.shape(waveform)[0],
+        message="lengths must hold one length per waveform row (batch sizes differ)",
+    )
+    with tf.control_dependencies([batch]):
+        lengths = tf.identity(lengths)
+    ms = 1000 * min_samples / sample_rate
+    bounds = [
+        _check(lengths < 0, "lengths of item(s)", "negative length"),
+        _check(
+            lengths > samples,
+            "lengths of item(s)",
+            tf.strings.join(
+                ["length exceeds the ", tf.strings.as_string(samples), " samples given"]
+            ),
+        ),
+        _check(
+            tf.logical_and(lengths >= 0, lengths < min_samples),
+            "audio of item(s)",
+            f"shorter than {min_samples} samples at {sample_rate} Hz ({ms:.0f} ms), too short "
+            "to transcribe",
+        ),
+    ]
+    # Samples past each length are padding and may hold anything; only valid ones must be
+    # finite. (The bounds are checked first: sequence_mask needs sane lengths.)
+    with tf.control_dependencies(bounds):
+        valid = tf.sequence_mask(tf.clip_by_value(lengths, 0, samples), samples)
+        finite = tf.logical_or(tf.math.is_finite(waveform), tf.logical_not(valid))
+    samples_ok = _check(
+        tf.logical_not(tf.reduce_all(finite, axis=1)),
+        "waveform item(s)",
+        "non-finite samples (NaN or infinity)",
+    )
+    return [batch, *bounds, samples_ok]
+
+
+def feature_check(features, feature_lengths) -> tf.Operation:
+    """Finite features over each item's valid frames: finite audio far beyond full scale
+    overflows the power spectrum, and NaN cannot be relied on to reach the output (oneDNN's
+    fused BatchNorm+ReLU maps it to 0; see :mod:`qn_keras.data.validation`)."""
+    valid = tf.sequence_mask(feature_lengths, tf.shape(features)[1])[:, :, None]
+    finite = tf.logical_or(tf.math.is_finite(features), tf.logical_not(valid))
+    return _check(
+        tf.logical_not(tf.reduce_all(finite, axis=[1, 2])),
+        "features of item(s)",
+        "non-finite values (audio far beyond full scale?)",
+    )
 
 
 def model_stride(model: tf.keras.Model) -> int:
@@ -30,7 +110,10 @@ class SpeechRecognizer(tf.Module):
     """Waveforms (16 kHz float32 ``[batch, samples]``) and lengths to transcripts.
 
     ``serving_default`` returns ``transcripts`` string ``[batch]``, ``logprobs`` float32
-    ``[batch, frames, vocabulary_size]`` and ``logprob_lengths`` int32 ``[batch]``.
+    ``[batch, frames, vocabulary_size]`` and ``logprob_lengths`` int32 ``[batch]``. A request
+    with non-finite samples, a negative length, a length past the samples given, audio
+    shorter than two feature frames, or features that come out non-finite fails with
+    InvalidArgumentError naming the batch items (:func:`request_checks`).
 
     Two more functions are saved with it (not signatures, so TF Serving does not expose them)
     for long-audio transcription, which featurizes a file piece by piece and normalises with
@@ -60,6 +143,7 @@ class SpeechRecognizer(tf.Module):
         self.model_variables = list(bundle.model.variables)
         self.labels = list(bundle.tokenizer.labels)
         self.sample_rate = int(bundle.featurizer.sample_rate)
+        self.min_samples = int(bundle.featurizer.min_samples)
         self.num_mels = int(bundle.featurizer.num_mels)
         self.stride = model_stride(bundle.model)
 
@@ -72,7 +156,12 @@ class SpeechRecognizer(tf.Module):
         return self._runtime.featurizer
 
     def logprobs(self, waveform, lengths):
+        checks = request_checks(waveform, lengths, self.min_samples, self.sample_rate)
+        with tf.control_dependencies(checks):
+            waveform = tf.identity(waveform)
         features, feature_lengths = self.featurizer(waveform, lengths, training=False)
+        with tf.control_dependencies([feature_check(features, feature_lengths)]):
+            features = tf.identity(features)
         # A call to the `encode` tf.function, not a second inlined copy of the model: every
         # signature shares one traced model, which halves export time and SavedModel size.
         encoded = self.encode(features, feature_lengths)

@@ -70,8 +70,8 @@ STOCK_OPS = frozenset(
     SpaceToBatchND SplitV Sqrt Square Squeeze StatefulPartitionedCall StatelessCase StatelessIf
     StatelessWhile StaticRegexFullMatch StridedSlice StringJoin StringLength Sub Substr Sum
     TensorListConcatV2 TensorListFromTensor TensorListGetItem TensorListReserve
-    TensorListSetItem TensorListStack Tile Transpose TruncateDiv Unpack VarHandleOp While
-    ZerosLike
+    TensorListSetItem TensorListStack Tile Transpose TruncateDiv Unpack VarHandleOp Where
+    While ZerosLike
     """.split()
 )
 
@@ -107,31 +107,15 @@ class ServingModule(SpeechRecognizer):
     """:class:`SpeechRecognizer` plus the ``transcribe_wav`` signature (WAV bytes in).
 
     WAV parsing and resampling to the model's rate happen in the graph
-    (:mod:`serving.wav`), so clients can send files as they are. Audio shorter than two
-    feature frames, or that is not a supported WAV file, fails with InvalidArgumentError
-    naming the problem and the batch item.
+    (:mod:`serving.wav`), so clients can send files as they are. A file that is not a
+    supported WAV file fails with InvalidArgumentError naming the problem and the batch item;
+    audio too short to transcribe, or non-finite (float WAVs can hold NaN), fails through the
+    checks of ``serving_default``.
     """
-
-    def __init__(self, bundle, name=None):
-        super().__init__(bundle, name=name)
-        self.min_samples = int(bundle.featurizer.min_samples)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=WAV_INPUT)])
     def transcribe_wav(self, wav_bytes):
         waveform, lengths = decode_wav_batch(wav_bytes, self.sample_rate)
-        long_enough = tf.debugging.Assert(
-            tf.reduce_all(lengths >= self.min_samples),
-            [
-                tf.constant(
-                    f"audio is shorter than {self.min_samples} samples at {self.sample_rate} Hz "
-                    f"({1000 * self.min_samples / self.sample_rate:.0f} ms), too short to "
-                    "transcribe; lengths after resampling:"
-                ),
-                lengths,
-            ],
-        )
-        with tf.control_dependencies([long_enough]):
-            waveform = tf.identity(waveform)
         return self.serving_default(waveform, lengths)
 
 

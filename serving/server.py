@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from qn_keras.inference import refusal_message
 from serving.export import WARMUP_FILE, existing_versions, latest_version_dir, read_warmup_file
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -51,15 +52,6 @@ class ServerConfig:
     grpc_port: int | None = 8500
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     threads: int = 8
-
-
-def _error_message(error: tf.errors.OpError) -> str:
-    # "assertion failed: [wav_bytes[1]: WAV file has no 'data' chunk]\n\t [[{{node ...}}]]"
-    text = error.message
-    if "assertion failed: [" in text:
-        line = text.split("assertion failed: ", 1)[1].split("\n", 1)[0].strip()
-        return " ".join(line[1:-1].split("] ["))
-    return re.sub(r"\s*\[\[.*", "", re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)).strip()
 
 
 class Servable:
@@ -134,7 +126,7 @@ class Servable:
         try:
             outputs = fn(**tensors)
         except (tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
-            raise InvalidRequest(_error_message(e)) from e
+            raise InvalidRequest(refusal_message(e)) from e
         return signature_name, {key: value.numpy() for key, value in outputs.items()}
 
     def status(self) -> dict:
@@ -187,6 +179,17 @@ def _decode_json_value(value):
     if isinstance(value, str):
         return value.encode("utf-8")
     return value
+
+
+def parse_json_body(raw: bytes):
+    """The request's JSON; InvalidRequest for anything that is not JSON we can read, including
+    nesting too deep for the parser (which Python reports as RecursionError)."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"Malformed JSON: {e}") from e
+    except RecursionError:
+        raise InvalidRequest("Malformed JSON: nested too deeply to parse.") from None
 
 
 def parse_rest_request(body: dict, input_names: list[str]) -> tuple[dict, bool]:
@@ -322,10 +325,7 @@ class _RestHandler(BaseHTTPRequestHandler):
             return
         try:
             servable.check_version(match.group(2))
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InvalidRequest(f"Malformed JSON: {e}") from e
+            body = parse_json_body(raw)
             signature = (body.get("signature_name") if isinstance(body, dict) else None) or (
                 "serving_default"
             )
@@ -337,6 +337,9 @@ class _RestHandler(BaseHTTPRequestHandler):
             return
         except InvalidRequest as e:
             self._error(400, str(e))
+            return
+        except RecursionError:  # JSON that parses but nests too deeply for the inputs
+            self._error(400, "Malformed request: values nested too deeply.")
             return
         except Exception as e:  # noqa: BLE001  (keep serving; report it)
             self._error(500, f"Internal error: {type(e).__name__}: {e}")

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from qn_keras.featurizer import LogMelSpectrogram
+from qn_keras.audio import AudioError, check_waveform
+from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 
 MODES = ("float32", "float16", "dynamic")
 ENGINES = ("xnnpack", "builtin")
@@ -69,7 +70,14 @@ class WaveformToLogprobs(tf.Module):
         lengths = tf.shape(waveform)[1:2]
         features, feature_lengths = self._runtime.featurizer(waveform, lengths, training=False)
         logprobs, _ = self._runtime.model([features, feature_lengths], training=False)
-        return {"logprobs": logprobs}
+        # TFLite has no assertions: non-finite features (audio far beyond full scale) must show
+        # in the output instead, whatever the kernels do with NaN (fused activations may map it
+        # to 0). zero * sum(features) is 0, or NaN exactly when some feature is not finite (NaN
+        # and inf survive a sum). The zero comes from the input's length so that no converter
+        # can fold it away: Grappler folds 0 * x, TFLite's converter folds x - x.
+        zero = tf.cast(lengths[0] // (lengths[0] + 1), tf.float32)
+        poison = zero * tf.reduce_sum(features)
+        return {"logprobs": logprobs + poison}
 
 
 def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
@@ -108,16 +116,30 @@ def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
 class TFLiteRecognizer:
     """Runs a ``.tflite`` from :func:`convert_tflite` on one waveform at a time.
 
+    The checks the SavedModel makes in its graph are made here around the interpreter: the
+    waveform must be finite and at least ``min_samples`` long (default: read from the export's
+    ``assets.extra/qn_model.json`` beside the ``tflite/`` folder, else the 16 kHz front end's
+    320), and log-probabilities that come out non-finite (the graph turns non-finite
+    features into NaN outputs) raise :class:`~qn_keras.audio.AudioError` instead of decoding.
+
     Example:
         >>> runner = TFLiteRecognizer("BASE/NAME/1/tflite/dynamic.tflite")
         >>> runner.logprobs(np.zeros(16000, np.float32)).shape
         (50, 29)
     """
 
-    def __init__(self, path, num_threads: int | None = None, engine: str = "xnnpack"):
+    def __init__(
+        self,
+        path,
+        num_threads: int | None = None,
+        engine: str = "xnnpack",
+        min_samples: int | None = None,
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"TFLite model not found: {self.path}")
+        self.featurizer = _export_featurizer(self.path)
+        self.min_samples = int(min_samples or self.featurizer.min_samples)
         if engine not in ENGINES:
             raise ValueError(f"Unknown TFLite engine {engine!r}; choose from {', '.join(ENGINES)}.")
         kwargs = {}
@@ -134,13 +156,36 @@ class TFLiteRecognizer:
         self._output = self.interpreter.get_output_details()[0]["index"]
         self._length = None
 
-    def logprobs(self, waveform: np.ndarray) -> np.ndarray:
-        """Log-probabilities ``[frames, vocabulary]`` of a mono float32 waveform."""
+    def logprobs(self, waveform: np.ndarray, name: str = "audio") -> np.ndarray:
+        """Log-probabilities ``[frames, vocabulary]`` of a mono float32 waveform; AudioError
+        for audio that is empty, too short, not finite, or whose features are not."""
         waveform = np.asarray(waveform, dtype=np.float32).reshape(1, -1)
+        cfg = self.featurizer
+        check_waveform(waveform[0], self.min_samples, cfg.sample_rate, name=name)
         if waveform.shape[1] != self._length:
             self.interpreter.resize_tensor_input(self._input, list(waveform.shape))
             self.interpreter.allocate_tensors()
             self._length = waveform.shape[1]
         self.interpreter.set_tensor(self._input, waveform)
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self._output)[0]
+        logprobs = self.interpreter.get_tensor(self._output)[0]
+        if not np.all(np.isfinite(logprobs)):
+            raise AudioError(
+                "non_finite_features",
+                f"Features of {name} are not finite (audio far beyond full scale?); "
+                "nothing to transcribe.",
+            )
+        return logprobs
+
+
+def _export_featurizer(tflite_path: Path) -> FeaturizerConfig:
+    """The front end of the export a ``.tflite`` sits in (``VERSION/tflite/x.tflite`` beside
+    ``VERSION/assets.extra/qn_model.json``), else the default front end."""
+    import json
+
+    from serving.export import METADATA_FILE
+
+    meta = tflite_path.parent.parent / "assets.extra" / METADATA_FILE
+    if meta.is_file():
+        return FeaturizerConfig.from_dict(json.loads(meta.read_text())["featurizer"])
+    return FeaturizerConfig()

@@ -36,6 +36,7 @@ from scipy.signal import resample_poly
 from qn_keras.audio import AudioError, check_waveform, decode_audio
 from qn_keras.decoding import beam_decode_ids, greedy_decode_ids
 from qn_keras.featurizer import NORM_EPSILON
+from qn_keras.inference import refusal_message
 from serving.recognizer import Recognizer
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
@@ -376,13 +377,26 @@ class Transcriber:
         return waveform
 
     def transcribe_batch(self, items: Sequence[AudioItem], waveforms: Sequence[np.ndarray]):
-        """One padded model call for several decoded waveforms."""
+        """One padded model call for several decoded waveforms. An item the model's input
+        checks refuse (non-finite features, say) gets ``error`` set; the others are
+        transcribed."""
         lengths = np.array([len(w) for w in waveforms], dtype=np.int32)
         batch = np.zeros((len(waveforms), lengths.max()), dtype=np.float32)
         for row, waveform in zip(batch, waveforms, strict=True):
             row[: len(waveform)] = waveform
         self.max_piece_samples = max(self.max_piece_samples, int(lengths.max()))
-        out = self.recognizer.serving_default(tf.constant(batch), tf.constant(lengths))
+        try:
+            out = self.recognizer.serving_default(tf.constant(batch), tf.constant(lengths))
+        except tf.errors.InvalidArgumentError as e:
+            if len(items) > 1:  # find the item(s) at fault; the rest still get their text
+                return [
+                    t
+                    for item, waveform in zip(items, waveforms, strict=True)
+                    for t in self.transcribe_batch([item], [waveform])
+                ]
+            reason = "non_finite_features" if "features of item" in e.message else "invalid_audio"
+            message = f"{items[0].path}: {refusal_message(e)}"
+            return [Transcript(item=items[0], error=message, reason=reason)]
         logprobs = out["logprobs"].numpy()
         out_lengths = out["logprob_lengths"].numpy()
         texts = [t.decode("utf-8") for t in out["transcripts"].numpy()]
@@ -448,6 +462,12 @@ class Transcriber:
                 last = min(num_frames, (last_out + context) * stride)
                 raw = self._log_mel(reader, first, last)
                 features = (raw - mean32) / (std32 + NORM_EPSILON)
+                if not np.all(np.isfinite(features)):
+                    raise AudioError(
+                        "non_finite_features",
+                        f"Features of {item.path} are not finite (NaN or infinite values; "
+                        "audio far beyond full scale?)",
+                    )
                 out = self.recognizer.encode(
                     tf.constant(features[None, :, :]), tf.constant([last - first], tf.int32)
                 )

@@ -8,12 +8,14 @@ import base64
 import contextlib
 import io
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 import serving_utils as su
+from parity import assert_logprobs_close
 
 from serving import client as qc
 from serving.server import LocalModelServer, Servable, ServerConfig
@@ -57,7 +59,7 @@ def _keras(waveforms):
 def _assert_matches(prediction, logprobs, lengths, texts):
     np.testing.assert_array_equal(prediction.logprob_lengths, lengths)
     for b, n in enumerate(lengths):
-        np.testing.assert_allclose(prediction.valid_logprobs(b), logprobs[b, :n], atol=1e-4)
+        assert_logprobs_close(prediction.valid_logprobs(b), logprobs[b, :n])
     assert prediction.transcripts == texts
 
 
@@ -211,3 +213,86 @@ def test_qn_client_cli(server, use_grpc):
     lines = [line.split("\t") for line in out.getvalue().splitlines()]
     assert [p for p, _ in lines] == paths
     assert [t for _, t in lines] == _keras(su.sample_waveforms()[:3])[2]
+
+
+# Requests the graph must refuse (checked in the SavedModel, so TF Serving refuses them too) --
+
+_TONE = (0.1 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
+BAD_WAVEFORMS = {
+    # name: (waveform rows, lengths, expected message)
+    "nan_samples": (
+        [_TONE, np.full(16000, np.nan, np.float32)],
+        [16000, 16000],
+        "waveform item(s) 1: non-finite samples",
+    ),
+    "negative_length": ([_TONE, _TONE], [16000, -5], "lengths of item(s) 1: negative length"),
+    "length_past_samples": (
+        [_TONE, _TONE],
+        [16000, 1000000000],
+        "lengths of item(s) 1: length exceeds the 16000 samples given",
+    ),
+    "zero_length": ([_TONE, _TONE], [16000, 0], "audio of item(s) 1: shorter than"),
+    "empty_waveform": ([np.zeros(0, np.float32)], [0], "audio of item(s) 0: shorter than"),
+    "lengths_batch": ([_TONE], [16000, 16000], "one length per waveform row"),
+}
+
+
+def _bad_inputs(case):
+    rows, lengths, message = BAD_WAVEFORMS[case]
+    waveform = np.stack(rows) if len(rows[0]) else np.zeros((1, 0), np.float32)
+    return {"waveform": waveform, "lengths": np.asarray(lengths, np.int32)}, message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WAVEFORMS))
+def test_rest_refuses_bad_waveforms(server, rest, case):
+    inputs, message = _bad_inputs(case)
+    body = qc.build_rest_request("serving_default", inputs)
+    if case == "lengths_batch":  # our server's own batch check answers first; TF Serving's graph
+        message = "disagree on the batch size"
+    response = _post(server, body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+    assert len(rest.transcribe_files(_paths(1)).transcripts) == 1
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WAVEFORMS))
+def test_grpc_refuses_bad_waveforms(grpc_client, case):
+    inputs, message = _bad_inputs(case)
+    if case == "lengths_batch":
+        message = "disagree on the batch size"
+    request = qc.build_grpc_request(su.MODEL_NAME, "serving_default", inputs)
+    with pytest.raises(qc.ServingError) as error:
+        grpc_client.predict(request)
+    assert error.value.code == "INVALID_ARGUMENT"
+    assert message in error.value.message
+    assert len(grpc_client.transcribe_files(_paths(1)).transcripts) == 1
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WAVEFORMS))
+def test_saved_model_itself_refuses_bad_waveforms(case):
+    """What TF Serving runs: the signature alone, without our server's own request checks."""
+    import tensorflow as tf
+
+    inputs, message = _bad_inputs(case)
+    signature = su.loaded_export().signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(message)):
+        signature(waveform=tf.constant(inputs["waveform"]), lengths=tf.constant(inputs["lengths"]))
+
+
+def test_rest_refuses_json_nested_too_deeply(server, rest):
+    response = _post(server, None, raw=b"[" * 100_000 + b"]" * 100_000)
+    assert response.status_code == 400
+    assert "Malformed JSON" in response.json()["error"]
+    assert len(rest.transcribe_files(_paths(1)).transcripts) == 1
+
+
+def test_grpc_refuses_malformed_tensor(grpc_client):
+    """gRPC carries no JSON; its malformed counterpart is a TensorProto whose content does not
+    match its shape."""
+    inputs, _ = _bad_inputs("nan_samples")
+    request = qc.build_grpc_request(su.MODEL_NAME, "serving_default", inputs)
+    request.inputs["waveform"].tensor_shape.dim[1].size = 7  # claims 7 samples, holds 16000
+    with pytest.raises(qc.ServingError) as error:
+        grpc_client.predict(request)
+    assert error.value.code == "INVALID_ARGUMENT"
+    assert len(grpc_client.transcribe_files(_paths(1)).transcripts) == 1
