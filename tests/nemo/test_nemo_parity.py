@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for parity.py
+from parity import worst_relative_error  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 PARITY_DIR = Path(os.environ.get("QN_NEMO_PARITY_DIR", ROOT / "build" / "nemo_parity"))
 MANIFEST = PARITY_DIR / "manifest.json"
@@ -29,6 +32,13 @@ pytestmark = pytest.mark.skipif(
     not MANIFEST.is_file(), reason=f"no NeMo reference outputs in {PARITY_DIR}: run make test-nemo"
 )
 
+# Features: absolute, in units of the normalised features' standard deviation (see
+# tests/test_featurizer.py). Log-probs: relative to each frame's scale, max(1, max|log-prob|)
+# (tests/parity.py): NeMo's PyTorch features differ from ours by up to ~6e-5 and the network
+# carries that through; measured <= 2.4e-4 absolute on 15x5 (2026-11, AMD EPYC AVX2), so 1e-3
+# of scale. A wrong BatchNorm epsilon moves a small model by 2e-4 of scale
+# (tests/test_parity_tolerances.py) and a full-size one by more; a dropped mask or a missing
+# residual by 1e-2 and more.
 FEATURE_TOL = 1e-4
 LOGPROB_TOL = 1e-3
 # Clean TTS clips: float32 FFT rounding in frames spanning >100 dB (see make_nemo_reference.py)
@@ -140,7 +150,8 @@ def nemo_postprocess(text, labels):
 
 
 def _valid_max_diff(a, b, lengths):
-    return max(float(np.abs(a[i, :n] - b[i, :n]).max()) for i, n in enumerate(lengths))
+    """Largest difference over valid frames, relative to each frame's scale (parity.py)."""
+    return max(worst_relative_error(a[i, :n], b[i, :n]) for i, n in enumerate(lengths))
 
 
 @pytest.mark.parametrize("variant", ["clean", "noisy"])
@@ -165,7 +176,7 @@ def test_logprobs_match_nemo(imported):
     ref, ours = imported["ref"], imported["ours"]["noisy"]
     lengths = ref["noisy_logprob_lengths"]
     diff = _valid_max_diff(ours["logprobs"], ref["noisy_logprobs"], lengths)
-    print(f"{imported['name']}: log-probs max |diff| {diff:.2e}")
+    print(f"{imported['name']}: log-probs max |diff| {diff:.2e} of frame scale")
     assert diff <= LOGPROB_TOL
 
 
@@ -176,7 +187,9 @@ def test_weights_map_exactly(imported, variant):
     ref, ours = imported["ref"], imported["ours"][variant]
     lengths = ref[f"{variant}_logprob_lengths"]
     diff = _valid_max_diff(ours["logprobs_on_nemo_features"], ref[f"{variant}_logprobs"], lengths)
-    print(f"{imported['name']} ({variant}): log-probs on NeMo's features max |diff| {diff:.2e}")
+    print(
+        f"{imported['name']} ({variant}): log-probs on NeMo's features max |diff| {diff:.2e} of frame scale"
+    )
     assert diff <= LOGPROB_TOL
 
 
