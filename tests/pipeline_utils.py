@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-SPEECH_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech-mini"
+# The project's own corpus, so that these tests run (and never skip) on any checkout.
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
 
 
 def tone(seconds: float, rate: int = 16000, channels: int = 1, seed: int = 0) -> np.ndarray:
@@ -33,13 +34,13 @@ def write_manifest(path: Path, records: list, raw_lines: tuple = ()) -> str:
     return str(path)
 
 
-def speech_mini_subset(tmp_path: Path, count: int, split: str = "train") -> str:
-    """The first `count` lines of a speech-mini manifest, paths made absolute."""
-    lines = (SPEECH_MINI / f"{split}.json").read_text().splitlines()[:count]
+def sample_data_subset(tmp_path: Path, count: int, split: str = "train") -> str:
+    """The first `count` lines of a sample_data manifest, paths made absolute."""
+    lines = (SAMPLE_DATA / f"{split}.json").read_text().splitlines()[:count]
     records = []
     for line in lines:
         record = json.loads(line)
-        record["audio_filepath"] = str(SPEECH_MINI / record["audio_filepath"])
+        record["audio_filepath"] = str(SAMPLE_DATA / record["audio_filepath"])
         records.append(record)
     return write_manifest(tmp_path / f"{split}_{count}.json", records)
 

@@ -1,4 +1,4 @@
-"""The feature job end to end: speech-mini through the job and back through the reader, every
+"""The feature job end to end: the project's sample corpus through the job and back through the reader, every
 kind of bad input through `qn features`, and what an interrupted run leaves behind."""
 
 import json
@@ -7,9 +7,8 @@ import os
 import numpy as np
 import pytest
 from pipeline_utils import (
-    SPEECH_MINI,
     bad_inputs,
-    speech_mini_subset,
+    sample_data_subset,
     tone,
     write_manifest,
     write_wav,
@@ -25,10 +24,6 @@ from qn_keras.tokenizer import CharTokenizer
 
 BEAM_ARGS = ["--runner=FnApiRunner"]
 
-needs_speech_mini = pytest.mark.skipif(
-    not (SPEECH_MINI / "train.json").exists(), reason="../shared/data/speech-mini not present"
-)
-
 
 def _read_back(folder):
     got = {}
@@ -43,9 +38,8 @@ def _read_back(folder):
     return got
 
 
-@needs_speech_mini
-def test_speech_mini_round_trip(tmp_path):
-    manifest = speech_mini_subset(tmp_path, 20)
+def test_sample_data_round_trip(tmp_path):
+    manifest = sample_data_subset(tmp_path, 20)
     out = tmp_path / "feats"
     info = run_job(FeatureJobConfig([manifest], str(out), shards=4), BEAM_ARGS)
 
@@ -78,11 +72,10 @@ def test_speech_mini_round_trip(tmp_path):
         run_job(FeatureJobConfig([manifest], str(out)), BEAM_ARGS)
 
 
-@needs_speech_mini
 def test_bad_inputs_through_cli(tmp_path, capsys):
     records, raw_lines, expected = bad_inputs(tmp_path / "bad")
     bad_manifest = write_manifest(tmp_path / "bad" / "manifest.json", records, raw_lines)
-    good_manifest = speech_mini_subset(tmp_path, 3, split="dev")
+    good_manifest = sample_data_subset(tmp_path, 3, split="dev")
     out = tmp_path / "out"
     argv = ["features", "--manifest", good_manifest, "--manifest", bad_manifest]
     argv += ["--out", str(out), "--shards", "2", "--compression", "gzip"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -163,13 +162,20 @@ def test_rank_rows_orders_by_objective_and_flags_fronts():
 
 
 def test_time_budget_stops_new_trials_and_survives_reload(tmp_path):
+    """On a clock the test controls: no real time passes, so a busy machine changes nothing."""
     import keras_tuner as kt
 
     from qn_keras.tuning.tuner import RandomSearchOracle
 
+    now = [100.0]
+
     def oracle(budget):
         o = RandomSearchOracle(
-            objective=kt.Objective("val_wer", "min"), max_trials=10, seed=0, time_budget=budget
+            objective=kt.Objective("val_wer", "min"),
+            max_trials=10,
+            seed=0,
+            time_budget=budget,
+            clock=lambda: now[0],
         )
         o._set_project_dir(str(tmp_path), "p")
         hp = o.get_space()
@@ -177,18 +183,25 @@ def test_time_budget_stops_new_trials_and_survives_reload(tmp_path):
         o.update_space(hp)
         return o
 
-    first = oracle(0.2)
+    first = oracle(60.0)
     assert first.create_trial("t").status == "RUNNING"
     first.end_trial(_completed(first, "t"))
-    time.sleep(0.25)
+    now[0] += 59.0
+    assert first.create_trial("t").status == "RUNNING"  # 59 s of 60: one more trial starts
+    first.end_trial(_completed(first, "t"))
+    now[0] += 2.0
     assert first.create_trial("t").status == "STOPPED"
     assert first.budget_exhausted
     first.save()
-    # A resumed search keeps the time already spent.
-    resumed = oracle(10.0)
+    # A resumed search keeps the time already spent (61 s) and continues from there.
+    now[0] += 1000.0  # time between the kill and the restart is not counted
+    resumed = oracle(90.0)
     resumed.reload()
-    assert resumed.elapsed_seconds() >= 0.2
+    assert resumed.elapsed_seconds() == 61.0
     assert resumed.create_trial("t").status == "RUNNING"
+    resumed.end_trial(_completed(resumed, "t"))
+    now[0] += 30.0
+    assert resumed.create_trial("t").status == "STOPPED"
 
 
 def test_soften_penalties_keeps_trained_scores_apart():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -86,10 +87,34 @@ def write_synthetic_tfrecord(path, num_utterances, seed=0):
     return texts
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free 127.0.0.1 port for a server that must be told its port before it starts
+    (TF_CONFIG's workers, Keras Tuner's oracle): TensorFlow's gRPC server cannot share a port
+    held for it, so the port is checked free and released.
+
+    Binding port 0 would race with every process that asks the OS for an ephemeral port
+    between this check and the server's bind. Ports below the ephemeral range are never handed
+    out that way, so only a process asking for this very port could take it; picked at random,
+    two tests of this suite are unlikely to, and the bind check excludes ports in use."""
+    low = max(_ephemeral_range()[0], 10001)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range on 127.0.0.1")
 
 
 def run_python(code: str, env_extra=None, timeout=240, **popen):

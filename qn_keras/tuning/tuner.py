@@ -71,15 +71,16 @@ class _TimeBudget:
     Elapsed time is kept in the oracle's saved state, so a resumed search continues the same
     budget (time between the last save and a kill is not counted)."""
 
-    def __init__(self, *args, time_budget: float | None = None, **kwargs):
+    def __init__(self, *args, time_budget: float | None = None, clock=time.monotonic, **kwargs):
         super().__init__(*args, **kwargs)
         self.time_budget = time_budget
         self.budget_exhausted = False
         self._elapsed_before = 0.0
-        self._session_start = time.monotonic()
+        self._clock = clock  # seconds; a parameter so that tests need not wait on a real one
+        self._session_start = clock()
 
     def elapsed_seconds(self) -> float:
-        return self._elapsed_before + time.monotonic() - self._session_start
+        return self._elapsed_before + self._clock() - self._session_start
 
     def populate_space(self, trial_id):
         if self.time_budget is not None and self.elapsed_seconds() >= self.time_budget:
@@ -95,7 +96,7 @@ class _TimeBudget:
     def set_state(self, state):
         super().set_state(state)
         self._elapsed_before = float(state.get("qn_elapsed_seconds", 0.0))
-        self._session_start = time.monotonic()
+        self._session_start = self._clock()
 
 
 class RandomSearchOracle(_TimeBudget, kt.oracles.RandomSearchOracle):
