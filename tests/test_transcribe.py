@@ -141,12 +141,13 @@ def test_beam_search_and_its_timestamps():
     item = AudioItem(su.sample_items(1)[0]["audio_filepath"])
     (result,) = Transcriber(recognizer, options).transcribe([item])
     greedy = Transcriber(recognizer, TranscribeOptions(keep_logprobs=True)).transcribe([item])
-    # What beam search is for: a labeling at least as probable as greedy's, by the CTC forward
-    # algorithm (TensorFlow's ctc_loss, independent of the decoder).
-    assert (
-        _ctc_log_likelihood(result.logprobs, result.text)
-        >= _ctc_log_likelihood(result.logprobs, greedy[0].text) - 1e-4
-    )
+    # The decoder itself is checked against brute force in test_text_decoding_metrics; here,
+    # that --beam reaches it and its text comes back right: scored by the CTC forward
+    # algorithm (TensorFlow's ctc_loss), the beam text beats this random model's greedy "k" by
+    # 40 nats (-111.7 against -152.3); a beam setting that is ignored, or ids decoded to the
+    # wrong labels, would not.
+    beam_score = _ctc_log_likelihood(result.logprobs, result.text)
+    assert beam_score > _ctc_log_likelihood(result.logprobs, greedy[0].text) + 10
     assert " ".join(w["word"] for w in result.words) == " ".join(result.text.split())
     starts = [w["start"] for w in result.words]
     assert starts == sorted(starts) and all(w["end"] > w["start"] for w in result.words)
