@@ -21,7 +21,6 @@ model's receptive field (:func:`receptive_field_seconds`), and in practice long 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,7 @@ from qn_keras.inference import refusal_message
 from serving.recognizer import Recognizer
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
-MANIFEST_EXTENSIONS = (".json", ".jsonl")
+MANIFEST_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,31 +120,27 @@ class Transcript:
 
 
 def _read_manifest(path: Path) -> list[AudioItem]:
-    items = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            audio = Path(entry["audio_filepath"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"{path}:{number}: not a NeMo manifest line (JSON with 'audio_filepath'): {e}"
-            ) from e
-        items.append(
-            AudioItem(
-                path=audio if audio.is_absolute() else path.parent / audio,
-                offset=float(entry.get("offset") or 0.0),
-                duration=float(entry["duration"]) if entry.get("duration") else None,
-                text=entry.get("text"),
-            )
+    """A manifest's items, read as the rest of the project reads manifests
+    (:mod:`qn_keras.data.manifest`): NeMo JSON lines or CSV/TSV, paths relative to the
+    manifest, and ``duration`` applied only with an ``offset`` (a rounded duration never clips
+    a whole file's last samples). A bad line is a ValueError naming ``file:line``."""
+    from qn_keras.data.manifest import load_utterances
+
+    return [
+        AudioItem(
+            path=Path(utt.audio_filepath),
+            offset=utt.offset,
+            duration=utt.read_duration,
+            text=utt.text or None,
         )
-    return items
+        for utt in load_utterances(path)
+    ]
 
 
 def collect_inputs(inputs: Sequence[str | Path]) -> list[AudioItem]:
-    """Files, folders (searched recursively for audio files) and NeMo manifests (``.json``,
-    paths relative to the manifest's folder) to a list of items, in the order given."""
+    """Files, folders (searched recursively for audio files) and manifests (NeMo ``.json`` /
+    ``.jsonl``, ``.csv`` / ``.tsv``; paths relative to the manifest's folder) to a list of
+    items, in the order given."""
     items: list[AudioItem] = []
     for raw in inputs:
         path = Path(raw)

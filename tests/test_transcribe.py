@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from serving.transcribe import (
     AudioItem,
     TranscribeOptions,
     Transcriber,
+    collect_inputs,
     ctc_forced_align,
     receptive_field_seconds,
     token_spans,
@@ -230,3 +232,32 @@ def test_forced_alignment_emits_exactly_the_labels():
     ids = [LABELS.index(ch) for ch in "aab b"]  # a repeat needs a blank between
     path = ctc_forced_align(logprobs, ids, BLANK)
     assert greedy_decode_ids(np.eye(BLANK + 1)[path], len(path), BLANK) == ids
+
+
+def test_manifests_are_read_like_the_trainer_reads_them(tmp_path):
+    """`qn transcribe` and `qn evaluate` read the same audio from the same manifest line: a
+    duration rounded down (no offset) does not clip the file's last samples, a duration with an
+    offset selects the segment, and CSV/TSV manifests are manifests, not audio files."""
+    item = su.sample_items(1)[0]
+    path = item["audio_filepath"]
+    whole = decode_audio(path)
+    rounded = round(len(whole) / 16000 - 0.3, 1)  # 0.3 s short of the file
+    lines = [
+        {"audio_filepath": path, "duration": rounded, "text": item["text"]},
+        {"audio_filepath": path, "offset": 0.2, "duration": 0.5, "text": "segment"},
+    ]
+    nemo = tmp_path / "m.json"
+    nemo.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    csv_manifest = tmp_path / "m.csv"
+    csv_manifest.write_text(f"audio_filepath,text\n{path},{item['text']}\n")
+    recognizer = from_bundle(su.tiny_bundle())
+    options = TranscribeOptions(keep_logprobs=True)
+    alone = Transcriber(recognizer, options).transcribe([AudioItem(path)])[0]
+    items = collect_inputs([nemo, csv_manifest])
+    assert [i.path for i in items] == [Path(path)] * 3
+    assert [i.duration for i in items] == [None, 0.5, None]
+    results = Transcriber(recognizer, options).transcribe(items)
+    assert results[0].duration == pytest.approx(len(whole) / 16000)
+    assert results[0].logprobs.shape == alone.logprobs.shape
+    assert results[0].text == results[2].text == alone.text
+    assert results[1].duration == pytest.approx(0.5) and results[1].item.text == "segment"
