@@ -46,7 +46,7 @@ from apache_beam.options.pipeline_options import (
 from pipeline.options import COMPRESSIONS, add_arguments
 from pipeline.stats import CountByReasonFn, DatasetStatsFn
 from pipeline.transforms import FAILED, NAMESPACE, FeaturizeUtterances, ReadManifests, to_tf_example
-from qn_keras.data.reader import DATASET_INFO
+from qn_keras.data.dataset_info import DATASET_INFO, build_dataset_info
 from qn_keras.data.schema import SCHEMA_VERSION
 from qn_keras.data.text import OOV_POLICIES
 from qn_keras.featurizer import ERAS, FeaturizerConfig
@@ -188,23 +188,18 @@ def write_dataset_info(
     shard_paths: list,
     failure_paths: list,
 ) -> str:
-    featurizer = FeaturizerConfig(era=job_config["era"])
-    tokenizer = CharTokenizer(job_config["labels"])
-    info = {
-        "schema_version": SCHEMA_VERSION,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "featurizer": featurizer.to_dict(),
-        "tokenizer": tokenizer.to_dict(),
-        "vocabulary_size": tokenizer.vocabulary_size,
-        "blank_id": tokenizer.blank_id,
-        "shards": sorted(os.path.basename(p) for p in shard_paths),
-        "compression": "GZIP" if job_config["compression"] == "gzip" else None,
-        "failures_file": FAILURES_FILE if failure_paths else None,
-        **stats,
-        "num_failed": sum(failed_by_reason.values()),
-        "failed_by_reason": failed_by_reason,
-        "pipeline": {**job_config, "beam_args": list(beam_args)},
-    }
+    info = build_dataset_info(
+        schema_version=SCHEMA_VERSION,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        featurizer=FeaturizerConfig(era=job_config["era"]),
+        tokenizer=CharTokenizer(job_config["labels"]),
+        shards=shard_paths,
+        compression=job_config["compression"],
+        stats=stats,
+        failed_by_reason=failed_by_reason,
+        failures_file=FAILURES_FILE if failure_paths else None,
+        pipeline={**job_config, "beam_args": list(beam_args)},
+    )
     path = FileSystems.join(output_dir, DATASET_INFO)
     _write_json_atomically(path, info)
     return path

@@ -8,7 +8,7 @@ import collections
 
 import apache_beam as beam
 
-HISTOGRAM_BIN_FRAMES = 50
+from qn_keras.data.dataset_info import HISTOGRAM_BIN_FRAMES, length_histogram
 
 
 class DatasetStatsFn(beam.CombineFn):
@@ -52,8 +52,6 @@ class DatasetStatsFn(beam.CombineFn):
         return merged
 
     def extract_output(self, acc):
-        histogram = acc["histogram"]
-        counts = [histogram.get(i, 0) for i in range(max(histogram) + 1)] if histogram else []
         return {
             "num_utterances": acc["utterances"],
             "num_source_utterances": acc["source_utterances"],
@@ -63,11 +61,7 @@ class DatasetStatsFn(beam.CombineFn):
             "min_frames": acc["min_frames"],
             "max_frames": acc["max_frames"],
             "mean_frames": acc["frames"] / acc["utterances"] if acc["utterances"] else None,
-            "length_histogram": {
-                "unit": "frames",
-                "bin_width": HISTOGRAM_BIN_FRAMES,
-                "counts": counts,
-            },
+            "length_histogram": length_histogram(acc["histogram"]),
         }
 
 

@@ -71,6 +71,22 @@ def test_sample_data_round_trip(tmp_path):
     with pytest.raises(ValueError, match="not empty.*--overwrite"):
         run_job(FeatureJobConfig([manifest], str(out)), BEAM_ARGS)
 
+    # What the job wrote, the trainer reads (one schema module owns dataset_info.json).
+    from qn_keras.training.data import from_tfrecords
+
+    source = from_tfrecords(out)
+    assert source.num_utterances == 20 and source.hours == pytest.approx(info["hours"])
+    assert source.labels == list(tok.labels) and source.featurizer == config.to_dict()
+    assert source.length_histogram == info["length_histogram"]
+    source.check_compatible(tok, config)
+
+    # A damaged info file is refused by name, not silently re-scanned or half-read.
+    damaged = dict(info)
+    del damaged["num_utterances"], damaged["hours"]
+    (out / "dataset_info.json").write_text(json.dumps(damaged))
+    with pytest.raises(ValueError, match=r"lacks \['num_utterances', 'hours'\]"):
+        from_tfrecords(out)
+
 
 def test_bad_inputs_through_cli(tmp_path, capsys):
     records, raw_lines, expected = bad_inputs(tmp_path / "bad")

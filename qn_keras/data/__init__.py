@@ -4,6 +4,7 @@ Imports TensorFlow, NumPy and the standard library only (never Beam), so the tra
 evaluator and serving share these modules with the Beam pipeline.
 """
 
+from qn_keras.data.dataset_info import read_dataset_info
 from qn_keras.data.manifest import (
     BAD_MANIFEST_LINE,
     ManifestFailure,
@@ -11,7 +12,7 @@ from qn_keras.data.manifest import (
     load_utterances,
     read_utterances,
 )
-from qn_keras.data.reader import manifest_dataset, read_dataset_info, tfrecord_dataset
+from qn_keras.data.reader import manifest_dataset, tfrecord_dataset
 from qn_keras.data.text import OOV_POLICIES, TranscriptError, tokenize_transcript
 from qn_keras.data.validation import CorruptRecordError
 

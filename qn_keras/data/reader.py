@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import logging
 import os
 
@@ -32,31 +31,14 @@ import tensorflow as tf
 
 from qn_keras.audio import AudioError, check_waveform, decode_audio
 from qn_keras.data import schema, validation
+from qn_keras.data.dataset_info import DATASET_INFO, length_histogram, read_dataset_info
 from qn_keras.data.manifest import ManifestFailure, read_utterances
 from qn_keras.data.text import OOV_POLICIES, TranscriptError, tokenize_transcript
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 
 logger = logging.getLogger(__name__)
 
-DATASET_INFO = "dataset_info.json"
 _AUTO = "auto"
-
-
-def read_dataset_info(path) -> dict:
-    """The ``dataset_info.json`` of a feature folder (or the file itself).
-
-    The pipeline writes it last, after every shard is in place, so a folder without it is an
-    interrupted or still-running job: that is an error, not an empty dataset.
-    """
-    path = os.fspath(path)
-    info_path = os.path.join(path, DATASET_INFO) if tf.io.gfile.isdir(path) else path
-    if not tf.io.gfile.exists(info_path):
-        raise FileNotFoundError(
-            f"No {DATASET_INFO} in {path}: not a finished `qn features` output folder "
-            "(an interrupted run leaves none)."
-        )
-    with tf.io.gfile.GFile(info_path) as f:
-        return json.load(f)
 
 
 def _shard_files(path_or_dir) -> tuple[list[str], str | None, dict | None]:
@@ -168,12 +150,8 @@ def boundaries_from_histogram(histogram: dict, num_buckets: int = 8) -> list[int
     return [e for e in edges if e < top]
 
 
-def boundaries_from_lengths(lengths, num_buckets: int = 8, bin_width: int = 50) -> list[int]:
-    lengths = np.asarray(list(lengths), dtype=np.int64)
-    if lengths.size == 0:
-        return []
-    counts = np.bincount(lengths // bin_width)
-    return boundaries_from_histogram({"bin_width": bin_width, "counts": counts}, num_buckets)
+def boundaries_from_lengths(lengths, num_buckets: int = 8) -> list[int]:
+    return boundaries_from_histogram(length_histogram(lengths), num_buckets)
 
 
 def _batch(

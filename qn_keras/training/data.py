@@ -22,6 +22,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from qn_keras.data import reader, schema
+from qn_keras.data.dataset_info import DATASET_INFO, DatasetInfo, length_histogram
 
 MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
@@ -111,42 +112,6 @@ class DataSource:
                 )
 
 
-def _info_count(info: dict):
-    for key in ("num_utterances", "utterances_written", "written"):
-        value = info.get(key)
-        if isinstance(value, int):
-            return value
-    counts = info.get("counts")
-    if isinstance(counts, dict):
-        for key in ("written", "utterances_written", "utterances"):
-            if isinstance(counts.get(key), int):
-                return counts[key]
-    return None
-
-
-def _info_hours(info: dict):
-    for key in ("total_hours", "hours"):
-        value = info.get(key)
-        if isinstance(value, int | float):
-            return float(value)
-    return None
-
-
-def _info_labels(info: dict):
-    vocab = info.get("vocabulary") or info.get("labels") or info.get("tokenizer")
-    if isinstance(vocab, dict):
-        vocab = vocab.get("labels")
-    return list(vocab) if isinstance(vocab, list) else None
-
-
-def _info_featurizer(info: dict):
-    for key in ("featurizer", "feature_settings", "features"):
-        value = info.get(key)
-        if isinstance(value, dict) and "era" in value:
-            return value
-    return None
-
-
 def _scan(files, compression) -> tuple[int, float, dict]:
     """Counts utterances, hours and a feature-length histogram by reading the shards."""
     spec = {
@@ -161,24 +126,19 @@ def _scan(files, compression) -> tuple[int, float, dict]:
         count += len(n)
         seconds += float(batch[schema.DURATION].numpy().sum())
         lengths.extend(n.tolist())
-    return count, seconds / 3600.0, _histogram(lengths)
-
-
-def _histogram(lengths, bin_width: int = 50) -> dict:
-    counts = [0] * (max(lengths, default=0) // bin_width + 1)
-    for n in lengths:
-        counts[n // bin_width] += 1
-    return {"bin_width": bin_width, "counts": counts}
+    return count, seconds / 3600.0, length_histogram(lengths)
 
 
 def from_tfrecords(path) -> DataSource:
     """A :class:`DataSource` for a ``qn features`` folder or TFRecord file(s)."""
     files, compression, info = reader._shard_files(path)
-    info = info or {}
-    count, hours = _info_count(info), _info_hours(info)
-    histogram = info.get("length_histogram")
-    if count is None or hours is None or not histogram:
+    if info is not None:
+        parsed = DatasetInfo.from_dict(info, f"{path}/{DATASET_INFO}")
+        count, hours, histogram = parsed.num_utterances, parsed.hours, parsed.length_histogram
+        featurizer, labels = parsed.featurizer, parsed.labels
+    else:  # bare TFRecord files: count them
         count, hours, histogram = _scan(files, compression)
+        featurizer = labels = None
     if count == 0:
         raise ValueError(f"{path} holds no utterances.")
     return DataSource(
@@ -186,8 +146,8 @@ def from_tfrecords(path) -> DataSource:
         num_utterances=int(count),
         hours=float(hours),
         description=str(path),
-        featurizer=_info_featurizer(info),
-        labels=_info_labels(info),
+        featurizer=featurizer,
+        labels=labels,
         length_histogram=histogram,
     )
 
@@ -294,7 +254,7 @@ def _write_manifest_records(manifest, tokenizer, featurizer, target, max_duratio
     return {
         "num_utterances": count,
         "hours": seconds / 3600.0,
-        "length_histogram": _histogram(lengths),
+        "length_histogram": length_histogram(lengths),
     }
 
 
