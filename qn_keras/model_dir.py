@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from qn_keras import files
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 from qn_keras.tokenizer import CharTokenizer
 
@@ -69,9 +67,7 @@ def save_model_dir(path, bundle: ModelBundle, *, serving: bool = True, overwrite
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; choose another --out or remove it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with files.atomic_directory(path, replace=True) as tmp:
         # A clone without compile state: NovoGrad's scalar slots do not reload (known trap).
         model = bundle.model
         if model.optimizer is not None:
@@ -98,16 +94,6 @@ def save_model_dir(path, bundle: ModelBundle, *, serving: bool = True, overwrite
             from qn_keras.inference import save_serving_model
 
             save_serving_model(tmp / SAVED_MODEL_DIR, bundle)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

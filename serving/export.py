@@ -8,7 +8,7 @@ Layout written by :func:`export_model`::
       3/                         integer version folders, as TF Serving expects
         saved_model.pb, variables/
         assets.extra/tf_serving_warmup_requests   PredictionLog records TF Serving replays
-        assets.extra/qn_model.json                labels, featurizer, frame duration
+        assets.extra/qn_export.json               labels, featurizer, frame duration
 
 Signatures (see :class:`ServingModule`):
 
@@ -28,15 +28,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from qn_keras import files
 from qn_keras.inference import SpeechRecognizer
 from serving.wav import decode_wav_batch
 
@@ -44,7 +42,10 @@ WAV_INPUT = "wav_bytes"
 SIGNATURES = ("serving_default", "transcribe_wav")
 OUTPUTS = ("transcripts", "logprobs", "logprob_lengths")
 WARMUP_FILE = "tf_serving_warmup_requests"
-METADATA_FILE = "qn_model.json"
+# Not qn_model.json, which is the model folder's own file (qn_keras.model_dir) with other keys;
+# exports written before the rename are still read (read_export_metadata).
+METADATA_FILE = "qn_export.json"
+_OLD_METADATA_FILE = "qn_model.json"
 MODELS_CONFIG = "models.config"
 BATCHING_FILE = "batching_parameters.txt"
 TFLITE_DIR = "tflite"
@@ -245,10 +246,13 @@ def models_config_text(name: str, container_base: str = "/models") -> str:
     return text_format.MessageToString(config)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def read_export_metadata(version_dir) -> dict | None:
+    """``assets.extra/qn_export.json`` of a version folder (or the older name), or None."""
+    for name in (METADATA_FILE, _OLD_METADATA_FILE):
+        path = Path(version_dir) / "assets.extra" / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
 
 
 def _check_name(name: str) -> None:
@@ -293,8 +297,9 @@ def export_model(
             f"Version {version} already exists at {target}; pass another --version or leave it "
             "out to take the next free one."
         )
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=model_base))
-    try:
+    # The version folder appears whole or not at all; rename() refuses a non-empty target, so
+    # two concurrent exports cannot both win.
+    with files.atomic_directory(target) as tmp:
         module = ServingModule(bundle)
         tf.saved_model.save(module, str(tmp), signatures=serving_signatures(module))
         check_stock_ops(tmp)
@@ -317,16 +322,11 @@ def export_model(
             },
             "metadata": bundle.metadata,
         }
-        (extra / METADATA_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        files.write_json(extra / METADATA_FILE, meta)
         if tflite_modes:
             from serving.tflite import convert_tflite
 
             convert_tflite(bundle, tmp / TFLITE_DIR, tflite_modes)
-        # rename() refuses a non-empty target, so two concurrent exports cannot both win.
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_text_atomic(model_base / MODELS_CONFIG, models_config_text(name))
-    _write_text_atomic(model_base / BATCHING_FILE, (batching or BatchingParameters()).to_text())
+    files.write_text(model_base / MODELS_CONFIG, models_config_text(name))
+    files.write_text(model_base / BATCHING_FILE, (batching or BatchingParameters()).to_text())
     return target

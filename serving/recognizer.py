@@ -9,7 +9,6 @@ Both give the same three functions, so batch and long-audio transcription run on
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,15 +64,14 @@ def from_bundle(bundle, source: str = "<in memory>") -> Recognizer:
 
 
 def _from_export(version_dir: Path) -> Recognizer:
-    from serving.export import METADATA_FILE
+    from serving.export import METADATA_FILE, read_export_metadata
 
-    meta_path = version_dir / "assets.extra" / METADATA_FILE
-    if not meta_path.is_file():
+    meta = read_export_metadata(version_dir)
+    if meta is None:
         raise ValueError(
             f"{version_dir} has a saved_model.pb but no assets.extra/{METADATA_FILE}; "
             "it was not written by `qn export`."
         )
-    meta = json.loads(meta_path.read_text())
     featurizer = FeaturizerConfig.from_dict(meta["featurizer"])
     loaded = tf.saved_model.load(str(version_dir))
     stride = round(meta["output_frame_seconds"] * featurizer.sample_rate / featurizer.hop_length)

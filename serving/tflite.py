@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from qn_keras import files
 from qn_keras.audio import AudioError, check_waveform
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 
@@ -103,11 +104,7 @@ def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
             if mode == "float16":
                 converter.target_spec.supported_types = [tf.float16]
             blob = converter.convert()
-            path = out_dir / f"{mode}.tflite"
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
-            written[mode] = path
+            written[mode] = files.write_bytes(out_dir / f"{mode}.tflite", blob)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
@@ -118,7 +115,7 @@ class TFLiteRecognizer:
 
     The checks the SavedModel makes in its graph are made here around the interpreter: the
     waveform must be finite and at least ``min_samples`` long (default: read from the export's
-    ``assets.extra/qn_model.json`` beside the ``tflite/`` folder, else the 16 kHz front end's
+    ``assets.extra/qn_export.json`` beside the ``tflite/`` folder, else the 16 kHz front end's
     320), and log-probabilities that come out non-finite (the graph turns non-finite
     features into NaN outputs) raise :class:`~qn_keras.audio.AudioError` instead of decoding.
 
@@ -180,12 +177,8 @@ class TFLiteRecognizer:
 
 def _export_featurizer(tflite_path: Path) -> FeaturizerConfig:
     """The front end of the export a ``.tflite`` sits in (``VERSION/tflite/x.tflite`` beside
-    ``VERSION/assets.extra/qn_model.json``), else the default front end."""
-    import json
+    ``VERSION/assets.extra/qn_export.json``), else the default front end."""
+    from serving.export import read_export_metadata
 
-    from serving.export import METADATA_FILE
-
-    meta = tflite_path.parent.parent / "assets.extra" / METADATA_FILE
-    if meta.is_file():
-        return FeaturizerConfig.from_dict(json.loads(meta.read_text())["featurizer"])
-    return FeaturizerConfig()
+    meta = read_export_metadata(tflite_path.parent.parent)
+    return FeaturizerConfig.from_dict(meta["featurizer"]) if meta else FeaturizerConfig()

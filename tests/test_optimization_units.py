@@ -13,7 +13,8 @@ import tensorflow as tf
 from parity import assert_logprobs_close
 
 from qn_keras.optimization import costs, tflite
-from qn_keras.optimization.graph import conv_head, export_graph, fold_batchnorm
+from qn_keras.optimization.export_graph import export_graph
+from qn_keras.optimization.graph import conv_head, fold_batchnorm
 from qn_keras.optimization.quantize import get_scheme, quantize_model, quantized_kernels
 from qn_keras.presets import preset_kwargs
 from qn_keras.quartznet_ctc import QuartzNetCTC

@@ -35,14 +35,13 @@ def register(subparsers):
 
 
 def run(args) -> int:
-    import json
-    import os
     import sys
     from pathlib import Path
 
     from tqdm import tqdm
 
     from qn_cli.main import UserError
+    from qn_keras import files
     from qn_keras.data import reader
     from qn_keras.model_dir import load_model_dir
     from qn_keras.training.evaluation import evaluate
@@ -94,10 +93,6 @@ def run(args) -> int:
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        files.write_json_lines(out, rows)
         print(f"per-utterance results (worst first): {out}")
     return 0

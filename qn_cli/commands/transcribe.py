@@ -59,8 +59,6 @@ def _stem_names(transcripts) -> list[str]:
 
 
 def run(args) -> int:
-    import json
-    import os
     import sys
     from pathlib import Path
 
@@ -68,6 +66,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from qn_cli.main import UserError
+    from qn_keras import files
     from serving.recognizer import load_recognizer
     from serving.transcribe import TranscribeOptions, Transcriber, collect_inputs
 
@@ -113,11 +112,7 @@ def run(args) -> int:
     if args.output:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        with tmp.open("w") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        files.write_json_lines(out, records)
     if failed:
         print(f"qn transcribe: {failed} of {len(results)} files failed", file=sys.stderr)
         return 1

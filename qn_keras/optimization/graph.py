@@ -150,31 +150,3 @@ def _is_mask(layer) -> bool:
     return isinstance(layer, SequenceMask) or isinstance(
         getattr(layer, "layer", None), SequenceMask
     )
-
-
-def export_graph(model: tf.keras.Model) -> tf.keras.Model:
-    """``[features, lengths] -> logits`` for unpadded input, without sequence masks.
-
-    Works on float, stripped-pruned and fake-quantized models. On a batch whose lengths all
-    equal its number of frames every ``SequenceMask`` multiplies by ones, so dropping them
-    changes nothing there; for integer TFLite it removes a float multiply (and a dequantize /
-    quantize pair) before every convolution. The output is the head's logits: log-softmax is
-    left to the caller so it runs in float even in an integer model.
-    """
-    from qn_keras.optimization.quantize import quantize_scope, widen_low_bit_kernels
-
-    model = conv_head(model)
-
-    def clone(layer):
-        if _is_mask(layer):
-            return _PassThrough(name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
-
-    with quantize_scope():
-        copy = tf.keras.models.clone_model(model, clone_function=clone)
-    for layer in model.layers:
-        if layer.weights and not _is_mask(layer):
-            copy.get_layer(layer.name).set_weights(layer.get_weights())
-    widen_low_bit_kernels(copy)
-    logits = find_layer(copy, LOGPROBS).input
-    return tf.keras.Model(copy.inputs, logits, name=f"{model.name}_export")

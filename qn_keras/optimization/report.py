@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qn_keras import files
 from qn_keras.model_dir import load_model_dir
 from qn_keras.optimization import costs, prune, tflite
 from qn_keras.optimization.evaluate import (
@@ -228,11 +229,9 @@ def plot(rows: list[dict], x_key: str, x_label: str, path) -> None:
         ax.set_xscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(rows: list[dict], out_dir, manifest, extra: dict | None = None) -> dict:
@@ -260,7 +259,7 @@ def write_report(rows: list[dict], out_dir, manifest, extra: dict | None = None)
         "rows": rows,
         **(extra or {}),
     }
-    _atomic_write(out_dir / REPORT_JSON, json.dumps(doc, indent=1, default=_json_default))
+    files.write_json(out_dir / REPORT_JSON, doc)
     md = [
         f"# Optimization report: {manifest}",
         "",
@@ -274,7 +273,7 @@ def write_report(rows: list[dict], out_dir, manifest, extra: dict | None = None)
         "delegate and with TFLite's built-in kernels.",
         "",
     ]
-    _atomic_write(out_dir / REPORT_MD, "\n".join(md))
+    files.write_text(out_dir / REPORT_MD, "\n".join(md))
     if rows:
         plot(rows, "memory_mb", "memory (MB)", out_dir / PLOT_MEMORY)
         plot(
@@ -284,20 +283,6 @@ def write_report(rows: list[dict], out_dir, manifest, extra: dict | None = None)
             out_dir / PLOT_MACS,
         )
     return doc
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def run_report(

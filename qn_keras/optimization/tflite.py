@@ -14,8 +14,6 @@ the TFLite converter then leaves the convolutions themselves in float.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from qn_keras.optimization.graph import export_graph
+from qn_keras import files
+from qn_keras.optimization.export_graph import export_graph
 
 MODES = ("float32", "float16", "dynamic", "int8", "qat")
 
@@ -92,11 +91,7 @@ def write_tflite(path, blob: bytes) -> Path:
     """Writes ``blob`` atomically (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
-    return path
+    return files.write_bytes(path, blob)
 
 
 class TFLiteRunner:

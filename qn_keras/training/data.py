@@ -21,6 +21,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from qn_keras import files
 from qn_keras.data import reader, schema
 from qn_keras.data.dataset_info import DATASET_INFO, DatasetInfo, length_histogram
 
@@ -194,9 +195,7 @@ def featurize_manifest(
         info = _write_manifest_records(
             manifest, tokenizer, featurizer, target, max_duration, progress
         )
-        tmp = info_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, info_path)
+        files.write_json(info_path, info)
     if info["num_utterances"] == 0:
         raise ValueError(f"No usable utterances in {manifest}.")
     return DataSource(
@@ -225,32 +224,25 @@ def _write_manifest_records(manifest, tokenizer, featurizer, target, max_duratio
         cache=False,
         with_metadata=True,
     )
-    tmp = target.with_name(target.name + ".tmp")
     count, seconds, lengths = 0, 0.0, []
-    try:
-        with tf.io.TFRecordWriter(str(tmp)) as writer:
-            bar = tqdm(ds, desc=f"featurizing {manifest.name}", unit="utt", disable=not progress)
-            for (features, feature_lengths), (labels, label_lengths), meta in bar:
-                n, u = int(feature_lengths[0]), int(label_lengths[0])
-                duration = float(meta[schema.DURATION][0])
-                writer.write(
-                    schema.serialize_utterance(
-                        features[0, :n].numpy(),
-                        labels[0, :u].numpy().tolist(),
-                        meta[schema.TRANSCRIPT][0].numpy().decode("utf-8"),
-                        duration,
-                        meta[schema.UTT_ID][0].numpy().decode("utf-8"),
-                        str(manifest),
-                    )
+    with files.atomic_path(target) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
+        bar = tqdm(ds, desc=f"featurizing {manifest.name}", unit="utt", disable=not progress)
+        for (features, feature_lengths), (labels, label_lengths), meta in bar:
+            n, u = int(feature_lengths[0]), int(label_lengths[0])
+            duration = float(meta[schema.DURATION][0])
+            writer.write(
+                schema.serialize_utterance(
+                    features[0, :n].numpy(),
+                    labels[0, :u].numpy().tolist(),
+                    meta[schema.TRANSCRIPT][0].numpy().decode("utf-8"),
+                    duration,
+                    meta[schema.UTT_ID][0].numpy().decode("utf-8"),
+                    str(manifest),
                 )
-                count += 1
-                seconds += duration
-                lengths.append(n)
-        os.replace(tmp, target)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+            )
+            count += 1
+            seconds += duration
+            lengths.append(n)
     return {
         "num_utterances": count,
         "hours": seconds / 3600.0,

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from qn_keras import files
 from qn_keras.data import reader
 from qn_keras.featurizer import FeaturizerConfig
 from qn_keras.model_dir import ModelBundle, is_model_dir, load_model_dir, save_model_dir
@@ -147,20 +148,6 @@ def _worker_role(strategy) -> tuple[bool, str]:
     has_chief = "chief" in (resolver.cluster_spec().as_dict() if resolver else {})
     chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
     return chief, f"{task_type}_{task_id}"
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
 def _restart_view(config: dict) -> dict:
@@ -493,7 +480,7 @@ class Trainer:
         self.train_buckets = self.train_data.bucket_boundaries(config.data.bucket_boundaries)
 
         if self.is_chief:
-            _write_json(
+            files.write_json(
                 run_path,
                 {
                     "config": config.to_dict(),
@@ -511,9 +498,8 @@ class Trainer:
             arrays = dict(self.init.featurizer_arrays) if self.init is not None else {}
             if self.is_chief:
                 if arrays:
-                    tmp = path.with_name(path.stem + ".tmp.npz")
-                    np.savez(tmp, **arrays)
-                    os.replace(tmp, path)
+                    with files.atomic_path(path) as tmp:
+                        np.savez(tmp, **arrays)
                 elif path.exists():
                     path.unlink()
             return arrays
@@ -790,7 +776,7 @@ class Trainer:
             if not self.is_chief:
                 shutil.rmtree(self.manager.directory, ignore_errors=True)
             if self.is_chief:
-                _write_json(self.out_dir / HISTORY_FILE, history)
+                files.write_json(self.out_dir / HISTORY_FILE, history)
             self._say(f"checkpoint saved at step {step} ({reason}): {path}")
 
         try:
@@ -923,8 +909,8 @@ class Trainer:
             step_times,
         )
         if self.is_chief:
-            _write_json(self.out_dir / HISTORY_FILE, history)
-            _write_json(self.out_dir / REPORT_FILE, report)
+            files.write_json(self.out_dir / HISTORY_FILE, history)
+            files.write_json(self.out_dir / REPORT_FILE, report)
             try:
                 plot_curves(history, self.out_dir / CURVES_FILE)
             except Exception as e:  # a missing plot must not cost the trained model
@@ -1133,10 +1119,8 @@ def plot_curves(history: dict, path) -> None:
         if ax.lines:
             ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 def train(config: TrainConfig, out_dir, train_data, val_data=None, **kwargs) -> TrainingResult:

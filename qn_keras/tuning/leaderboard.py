@@ -9,10 +9,9 @@ that no other trial beats on both validation WER and parameters (or latency).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
+
+from qn_keras import files
 
 STATUS_ORDER = {"completed": 0, "infeasible": 1, "diverged": 2, "running": 3, "failed": 4}
 
@@ -73,23 +72,9 @@ def rank_rows(rows: list[dict], objective: str) -> list[dict]:
     return rows
 
 
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path, rows: list[dict], summary: dict):
     payload = {**summary, "trials": rows}
-    _atomic_write(Path(path), json.dumps(payload, indent=1, default=_json_default) + "\n")
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value)}")
+    files.write_json(path, payload)
 
 
 def _fmt(value, spec):
@@ -154,7 +139,7 @@ def write_markdown(path, rows: list[dict], summary: dict):
             )
             + " |"
         )
-    _atomic_write(Path(path), "\n".join(lines) + "\n")
+    files.write_text(path, "\n".join(lines) + "\n")
 
 
 def write_plot(path, rows: list[dict], title: str = "") -> bool:
@@ -210,9 +195,7 @@ def write_plot(path, rows: list[dict], title: str = "") -> bool:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return True

@@ -25,6 +25,7 @@ import math
 import os
 from pathlib import Path
 
+from qn_keras import files
 from qn_keras.training.config import ConfigError
 from qn_keras.tuning import leaderboard
 from qn_keras.tuning.config import TuneConfig
@@ -106,9 +107,7 @@ def _remove_results(out: Path):
 
 
 def _write_config(out: Path, config: TuneConfig):
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=1))
-    os.replace(tmp, out / CONFIG_FILE)
+    files.write_json(out / CONFIG_FILE, config.to_dict())
 
 
 def collect_rows(tuner) -> list[dict]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import keras_tuner as kt
 import tensorflow as tf
 
+from qn_keras import files
 from qn_keras.quartznet_ctc import QuartzNetCTC
 from qn_keras.training.config import TrainConfig
 from qn_keras.tuning.config import TuneConfig
@@ -193,9 +194,8 @@ def trial_train_config(base: TrainConfig, arch: dict, values: dict, epochs: int)
 
 
 def _write_json(path: Path, data: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
+    # Trial records may hold objects of Keras Tuner's; their text is what the record wants.
+    files.write_text(path, json.dumps(data, indent=1, default=str))
 
 
 def read_trial_record(trial_dir) -> dict:
