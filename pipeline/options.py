@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-ERAS = ("current", "legacy")
-OOV_POLICIES = ("drop", "reject")
+from qn_keras.choices import ERAS, OOV_POLICIES
+
 COMPRESSIONS = ("none", "gzip")
 
 

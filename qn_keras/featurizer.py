@@ -20,7 +20,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-ERAS = ("current", "legacy")
+from qn_keras.choices import ERAS
+
 LOG_ZERO_GUARD = 2.0**-24
 NORM_EPSILON = 1e-5
 

@@ -110,7 +110,7 @@ def load_model_dir(path, compile: bool = False) -> ModelBundle:
     meta = json.loads((path / META_FILE).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path / META_FILE} is not a {FORMAT} file.")
-    import qn_keras  # noqa: F401  (registers the custom layers before deserializing)
+    import qn_keras.quartznet_ctc  # noqa: F401  (registers the custom layers before deserializing)
 
     if meta.get("metadata", {}).get("optimization"):
         import qn_keras.optimization  # noqa: F401  (registers tfmot's quantize/prune wrappers)

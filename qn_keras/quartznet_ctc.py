@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from qn_keras.choices import HEAD_LAYER
 from qn_keras.layers import LogSoftmax
 from qn_keras.quartznet_backbone import build_encoder_graph, encoder_inputs, normalize_block_lists
 
@@ -66,7 +67,7 @@ class QuartzNetCTC(tf.keras.Model):
             **block_args,
         )
         logits = tf.keras.layers.Dense(
-            vocabulary_size, kernel_initializer="glorot_uniform", name="ctc_head_conv"
+            vocabulary_size, kernel_initializer="glorot_uniform", name=HEAD_LAYER
         )(encoded)
         logprobs = LogSoftmax(name="logprobs")(logits)
         out_lengths = tf.keras.layers.Activation("linear", dtype="int32", name="logprob_lengths")(
@@ -99,3 +100,13 @@ class QuartzNetCTC(tf.keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         return cls(**config)
+
+
+def find_layer(model: tf.keras.Model, name: str):
+    """The layer called ``name``, or the tfmot wrapper around it: quantization wraps a layer as
+    ``quant_<name>``, pruning as ``prune_low_magnitude_<name>``; both keep it as ``.layer``."""
+    for layer in model.layers:
+        inner = getattr(layer, "layer", None)
+        if layer.name in (name, f"quant_{name}") or getattr(inner, "name", None) == name:
+            return layer
+    raise ValueError(f"{model.name} has no layer {name!r}; is it a QuartzNetCTC model?")

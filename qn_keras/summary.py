@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qn_keras.choices import HEAD_LAYER
 from qn_keras.quartznet_backbone import scale_kernel_size
 
 FEATURE_FRAMES_PER_SECOND = 100  # 10 ms hop
@@ -50,7 +51,7 @@ def layer_macs(model) -> dict[str, float]:
             out[f"block_{i}_se"] = 2 * filters * (filters // cfg["se_reduction_ratio"])
         channels = filters
     if "vocabulary_size" in cfg:
-        out["ctc_head_conv"] = rate * channels * cfg["vocabulary_size"]
+        out[HEAD_LAYER] = rate * channels * cfg["vocabulary_size"]
     return out
 
 

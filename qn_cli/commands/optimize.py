@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 
+from qn_keras import choices
+
 
 def register(subparsers):
     parser = subparsers.add_parser(
@@ -34,7 +36,7 @@ def register(subparsers):
     qat.add_argument(
         "--scheme",
         default="int8_per_channel",
-        choices=("int8_per_channel", "int8_per_tensor", "int4_per_channel"),
+        choices=choices.QAT_SCHEMES,
         help="weights: 8-bit per channel, 8-bit per tensor, or 4-bit per channel with the first "
         "block and the CTC head at 8 bit; activations are 8-bit (default: %(default)s)",
     )
@@ -63,7 +65,7 @@ def register(subparsers):
     ptq.add_argument(
         "--mode",
         default="int8",
-        choices=("float32", "float16", "dynamic", "int8"),
+        choices=choices.PTQ_MODES,
         help="%(default)s",
     )
     ptq.add_argument(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import unicodedata
 
-OOV_POLICIES = ("drop", "reject")
+from qn_keras.choices import OOV_POLICIES
+
 OOV_TRANSCRIPT = "oov_transcript"
 
 

@@ -12,6 +12,7 @@ import dataclasses
 
 import numpy as np
 
+from qn_keras.choices import HEAD_LAYER
 from qn_keras.nemo.config import NemoImportError, NemoModelSpec
 
 BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
@@ -121,7 +122,7 @@ def weight_plan(spec: NemoModelSpec) -> list[WeightEntry]:
     classes = len(spec.labels) + 1
     plan.append(
         WeightEntry(
-            "ctc_head_conv",
+            HEAD_LAYER,
             "dense",
             (f"{DECODER_PREFIX}.weight", f"{DECODER_PREFIX}.bias"),
             ((classes, spec.blocks[-1].filters, 1), (classes,)),

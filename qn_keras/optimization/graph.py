@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from qn_keras.choices import HEAD_LAYER as HEAD
 from qn_keras.layers import LogSoftmax, SequenceMask
+from qn_keras.quartznet_ctc import find_layer
 
-HEAD = "ctc_head_conv"
 LOGPROBS = "logprobs"
 
 
@@ -18,16 +19,6 @@ def as_functional(model: tf.keras.Model) -> tf.keras.Model:
     if type(model).__name__ == "Functional":
         return model
     return tf.keras.Model(model.inputs, model.outputs, name=model.name)
-
-
-def find_layer(model: tf.keras.Model, name: str):
-    """The layer called ``name``, or ``quant_`` + ``name`` in a quantized model."""
-    for candidate in (name, f"quant_{name}"):
-        try:
-            return model.get_layer(candidate)
-        except ValueError:
-            continue
-    raise ValueError(f"{model.name} has no layer {name!r}; is it a QuartzNetCTC model?")
 
 
 def conv_head(model: tf.keras.Model) -> tf.keras.Model:

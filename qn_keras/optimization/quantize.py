@@ -50,6 +50,7 @@ from tensorflow_model_optimization.python.core.quantization.keras.quantize_aware
 )
 
 from qn_keras import layers as qn_layers
+from qn_keras.choices import HEAD_LAYER, QAT_SCHEMES
 from qn_keras.optimization.graph import conv_head, fold_batchnorm
 
 tfq = tfmot.quantization.keras
@@ -83,9 +84,9 @@ SCHEMES = {
     "int8_per_tensor": QuantScheme("int8_per_tensor", 8, False),
     "int4_per_channel": QuantScheme("int4_per_channel", 4, True, edge_bits=8),
 }
+assert tuple(SCHEMES) == QAT_SCHEMES  # the names users choose from
 ACTIVATION_BITS = 8
 FIRST_BLOCK_PREFIX = "block_0_"
-HEAD_LAYER = "ctc_head_conv"
 
 
 def get_scheme(name: str) -> QuantScheme:

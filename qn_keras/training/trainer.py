@@ -49,9 +49,11 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras import files
+from qn_keras.choices import HEAD_LAYER
 from qn_keras.data import reader
 from qn_keras.featurizer import FeaturizerConfig
 from qn_keras.model_dir import ModelBundle, is_model_dir, load_model_dir, save_model_dir
+from qn_keras.quartznet_ctc import find_layer
 from qn_keras.tokenizer import CharTokenizer
 from qn_keras.training import data as data_lib
 from qn_keras.training.augment import augment_batch
@@ -62,7 +64,7 @@ from qn_keras.training.schedules import CosineAnnealing
 
 logger = logging.getLogger(__name__)
 
-HEAD_LAYER = "ctc_head_conv"
+
 CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best_model"
 RUN_FILE = "run.json"
@@ -359,14 +361,6 @@ def copy_weights(source: tf.keras.Model, target: tf.keras.Model, skip=()) -> lis
     return copied
 
 
-def _find_layer(model: tf.keras.Model, name: str):
-    """The layer ``name``, or the tfmot wrapper (quantization, pruning) around it."""
-    for layer in model.layers:
-        if layer.name == name or getattr(getattr(layer, "layer", None), "name", None) == name:
-            return layer
-    raise ValueError(f"The model has no layer {name!r}.")
-
-
 class Trainer:
     """Trains a QuartzNet CTC model from a :class:`TrainConfig`.
 
@@ -577,7 +571,7 @@ class Trainer:
         else:
             self.eval_model = self.model
         self._eval_step = make_eval_step(self.eval_model)
-        head = _find_layer(self.model, HEAD_LAYER)
+        head = find_layer(self.model, HEAD_LAYER)
         self._head_variables = head.trainable_variables
 
     def _scratch_checkpoint_dir(self) -> Path:
