@@ -93,3 +93,40 @@ def build_model(name: str = "quartznet_5x5", vocabulary_size: int = 29, **overri
     kwargs = preset_kwargs(name)
     kwargs.update(overrides)
     return QuartzNetCTC(vocabulary_size=vocabulary_size, name=kwargs.pop("name", name), **kwargs)
+
+
+# QuartzNetCTC arguments that are not per-block lists.
+MODEL_ARGS = ("num_features", "activation", "kernel_size_factor", "se_reduction_ratio", "name")
+
+
+def resolve_architecture(preset: str | None, overrides: dict) -> dict:
+    """``QuartzNetCTC`` arguments (without ``vocabulary_size``): a preset's (if any) with
+    ``overrides`` applied, checked and normalized without building the model. ValueError
+    saying what is wrong."""
+    from qn_keras.quartznet_backbone import STACKWISE_ARGS, normalize_block_lists
+
+    kwargs = preset_kwargs(preset) if preset else {}
+    kwargs.update(overrides)
+    unknown = sorted(set(kwargs) - set(STACKWISE_ARGS) - set(MODEL_ARGS))
+    if unknown:
+        raise ValueError(
+            f"unknown model argument(s) {unknown}. Known: {sorted(STACKWISE_ARGS + MODEL_ARGS)}"
+        )
+    stackwise = {k: v for k, v in kwargs.items() if k in STACKWISE_ARGS}
+    if not stackwise.get("stackwise_filters") or not stackwise.get("stackwise_kernel_sizes"):
+        raise ValueError("blocks need at least stackwise_filters and stackwise_kernel_sizes.")
+    blocks = normalize_block_lists(**stackwise)
+    others = {k: v for k, v in kwargs.items() if k in MODEL_ARGS}
+    others.setdefault("name", preset or "quartznet")
+    return {**others, **blocks}
+
+
+def with_vocabulary(architecture: dict, vocabulary_size: int) -> dict:
+    return {**architecture, "vocabulary_size": vocabulary_size}
+
+
+def build_from_architecture(architecture: dict):
+    """A ``QuartzNetCTC`` from :func:`resolve_architecture`'s output plus ``vocabulary_size``."""
+    from qn_keras.quartznet_ctc import QuartzNetCTC
+
+    return QuartzNetCTC.from_config(dict(architecture))

@@ -101,7 +101,7 @@ import numpy as np
 sys.path.insert(0, "tests")
 from training_utils import tiny_config
 from qn_keras.training import TrainConfig, Trainer
-from qn_keras.training.trainer import strategy_name
+from qn_keras.training.distribution import strategy_name
 
 train, val, out, task = sys.argv[1:5]
 config = TrainConfig.from_dict(

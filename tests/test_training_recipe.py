@@ -90,8 +90,7 @@ def test_qn_train_reports_config_errors_in_one_line(tmp_path):
 
 
 def test_model_section_errors_without_building_a_model():
-    from qn_keras.training.config import ModelConfig
-    from qn_keras.training.trainer import architecture_from_config
+    from qn_keras.training.config import ModelConfig, architecture_from_config
 
     arch = architecture_from_config(ModelConfig(preset="quartznet_15x5"))
     assert len(arch["stackwise_filters"]) == 18 and arch["name"] == "quartznet_15x5"
@@ -106,7 +105,7 @@ def test_model_section_errors_without_building_a_model():
 
 
 def test_early_stopping_counts_validations_without_improvement():
-    from qn_keras.training.trainer import validations_without_improvement
+    from qn_keras.training.loop_state import validations_without_improvement
 
     assert validations_without_improvement([0.9, 0.5, 0.6, 0.55]) == 2
     assert validations_without_improvement([0.9, 0.5, 0.49], min_delta=0.02) == 1

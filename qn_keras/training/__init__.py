@@ -3,14 +3,9 @@
 the best model. Imports no Beam, pipeline or serving code."""
 
 from qn_keras.training.config import ConfigError, TrainConfig, load_config
+from qn_keras.training.distribution import make_strategy
 from qn_keras.training.schedules import CosineAnnealing
-from qn_keras.training.trainer import (
-    Trainer,
-    TrainingDivergedError,
-    TrainingResult,
-    make_strategy,
-    train,
-)
+from qn_keras.training.trainer import Trainer, TrainingDivergedError, TrainingResult, train
 
 __all__ = [
     "ConfigError",

@@ -389,3 +389,14 @@ def _check_type(value, hint, key):
 
 def _is_union(hint) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
+def architecture_from_config(model_cfg: ModelConfig) -> dict:
+    """``QuartzNetCTC`` arguments (without ``vocabulary_size``) for a ``ModelConfig``, checked
+    without building the model (:func:`qn_keras.presets.resolve_architecture`)."""
+    from qn_keras.presets import resolve_architecture
+
+    try:
+        return resolve_architecture(model_cfg.preset, model_cfg.model_kwargs())
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
