@@ -48,10 +48,9 @@ def featurize(manifest: Path, out: Path) -> dict:
 def transcribe_with_saved_model(saved_model_dir: Path, manifest: Path, batch_size: int = 16):
     """(references, hypotheses) for every utterance of ``manifest``, decoded by the serving
     signature: the waveform goes in, the text comes out."""
-    import numpy as np
     import tensorflow as tf
 
-    from qn_keras.audio import decode_audio
+    from qn_keras.audio import decode_audio, pad_batch
     from qn_keras.data.manifest import load_utterances
     from qn_keras.tokenizer import CharTokenizer
 
@@ -62,10 +61,7 @@ def transcribe_with_saved_model(saved_model_dir: Path, manifest: Path, batch_siz
     for i in range(0, len(utterances), batch_size):
         chunk = utterances[i : i + batch_size]
         waves = [decode_audio(u.audio_filepath, target_rate=16000) for u in chunk]
-        lengths = np.array([len(w) for w in waves], np.int32)
-        batch = np.zeros((len(waves), lengths.max()), np.float32)
-        for j, w in enumerate(waves):
-            batch[j, : len(w)] = w
+        batch, lengths = pad_batch(waves)
         out = serving(waveform=tf.constant(batch), lengths=tf.constant(lengths))
         hyps.extend(t.decode("utf-8") for t in out["transcripts"].numpy())
         refs.extend(tokenizer.normalize(u.text).text for u in chunk)

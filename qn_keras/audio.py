@@ -107,3 +107,63 @@ def check_waveform(
             f"Audio lasts {waveform.size / sample_rate:.2f} s, more than the configured maximum "
             f"{max_duration} s: {name}",
         )
+
+
+def pad_batch(waveforms) -> tuple[np.ndarray, np.ndarray]:
+    """Waveforms of any lengths as one zero-padded float32 ``[batch, samples]`` array and their
+    int32 lengths (what ``serving_default`` takes; the padding never changes the outputs)."""
+    lengths = np.array([len(w) for w in waveforms], dtype=np.int32)
+    batch = np.zeros((len(lengths), int(lengths.max(initial=0))), dtype=np.float32)
+    for row, waveform in zip(batch, waveforms, strict=True):
+        row[: len(waveform)] = waveform
+    return batch, lengths
+
+
+class ResampledReader:
+    """Random access to a file's mono audio at the target rate, read from disk in pieces, for
+    audio too long to hold in memory (``offset``/``duration`` in seconds select a segment).
+
+    Piece boundaries land on the polyphase grid with a margin wider than the resampling
+    filter, so every piece equals the same samples of :func:`decode_audio` on the whole file.
+    """
+
+    def __init__(self, path, target_rate: int, offset: float = 0.0, duration: float | None = None):
+        self.file = sf.SoundFile(str(path))
+        self.rate = self.file.samplerate
+        self.start = min(int(round(max(offset, 0.0) * self.rate)), self.file.frames)
+        end = self.file.frames
+        if duration is not None:
+            end = min(end, self.start + int(round(duration * self.rate)))
+        self.native_length = end - self.start
+        ratio = Fraction(int(target_rate), int(self.rate))
+        self.up, self.down = ratio.numerator, ratio.denominator
+        self.length = -(-self.native_length * self.up // self.down)
+        reach = -(-10 * max(self.up, self.down) // self.up) + 1
+        self.margin = reach + 1
+
+    def close(self) -> None:
+        self.file.close()
+
+    def _native(self, start: int, stop: int) -> np.ndarray:
+        out = np.zeros(stop - start, dtype=np.float32)
+        lo, hi = max(start, 0), min(stop, self.native_length)
+        if hi > lo:
+            self.file.seek(self.start + lo)
+            data = self.file.read(hi - lo, dtype="float32", always_2d=True)
+            mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+            out[lo - start : lo - start + len(mono)] = mono
+        return out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Target-rate samples ``[start, stop)``, clipped to the file."""
+        start, stop = max(start, 0), min(stop, self.length)
+        if self.up == self.down:
+            return self._native(start, stop)
+        # A native start on the down-grid maps to an integer output index.
+        q = (start * self.down - self.margin * self.up) // (self.up * self.down)
+        native_start = q * self.down
+        native_stop = -(-stop * self.down // self.up) + self.margin
+        piece = self._native(native_start, native_stop).astype(np.float64)
+        out = resample_poly(piece, self.up, self.down)
+        first = start - q * self.up
+        return out[first : first + stop - start].astype(np.float32)

@@ -266,6 +266,40 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         return config
 
 
+class FeatureStatistics:
+    """Per-band mean and standard deviation accumulated over blocks of un-normalized log-mel
+    frames, and the featurizer's per-feature normalization with them, for audio featurized
+    piece by piece (long files). Blocks are merged with Chan et al.'s parallel update in
+    float64; normalizing the whole utterance this way equals :class:`LogMelSpectrogram`'s own
+    normalization (unbiased std, epsilon added to the std), to float32 rounding."""
+
+    def __init__(self, num_mels: int):
+        self.count = 0
+        self.mean = np.zeros(num_mels)
+        self._m2 = np.zeros(num_mels)
+
+    def add(self, frames: np.ndarray) -> None:
+        """Adds ``[frames, num_mels]`` log-mel frames (before normalization)."""
+        n = len(frames)
+        if n == 0:
+            return
+        block_mean = frames.mean(axis=0, dtype=np.float64)
+        block_m2 = ((frames - block_mean) ** 2).sum(axis=0, dtype=np.float64)
+        delta = block_mean - self.mean
+        total = self.count + n
+        self.mean = self.mean + delta * n / total
+        self._m2 = self._m2 + block_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self._m2 / max(self.count - 1, 1))
+
+    def normalize(self, frames: np.ndarray) -> np.ndarray:
+        mean, std = self.mean.astype(np.float32), self.std.astype(np.float32)
+        return (frames - mean) / (std + NORM_EPSILON)
+
+
 def featurize(waveform: np.ndarray, config: FeaturizerConfig | None = None) -> np.ndarray:
     """Features ``[frames, num_mels]`` of one mono waveform; raises ValueError if too short.
 

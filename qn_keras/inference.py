@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from qn_keras.decoding import tf_greedy_decode
 from qn_keras.featurizer import LogMelSpectrogram
+from qn_keras.quartznet_backbone import output_stride
 
 WAVEFORM_SPEC = tf.TensorSpec([None, None], tf.float32, name="waveform")
 LENGTHS_SPEC = tf.TensorSpec([None], tf.int32, name="lengths")
@@ -100,10 +101,7 @@ def feature_check(features, feature_lengths) -> tf.Operation:
 
 def model_stride(model: tf.keras.Model) -> int:
     """Feature frames per output frame (2 for QuartzNet, 4 for the ContextNet preset)."""
-    stride = 1
-    for s in getattr(model, "block_args", {}).get("stackwise_strides", [2]):
-        stride *= int(s)
-    return stride
+    return output_stride(model.block_args)
 
 
 class SpeechRecognizer(tf.Module):

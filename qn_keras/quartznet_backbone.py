@@ -30,6 +30,15 @@ def scale_kernel_size(kernel_size: int, factor: float) -> int:
     return new + 1 if new % 2 == 0 else new
 
 
+def output_stride(block_args: dict) -> int:
+    """Feature frames per output frame: the product of the blocks' strides (2 for QuartzNet,
+    4 for the ContextNet preset)."""
+    stride = 1
+    for s in block_args.get("stackwise_strides", ()):
+        stride *= int(s)
+    return stride
+
+
 def same_padding(kernel_size: int, stride: int, dilation: int) -> int:
     """NeMo's ``get_same_padding``: symmetric ``dilation * (k - 1) // 2`` on each side."""
     if stride > 1 and dilation > 1:

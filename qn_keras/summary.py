@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qn_keras.choices import HEAD_LAYER
-from qn_keras.quartznet_backbone import scale_kernel_size
+from qn_keras.quartznet_backbone import output_stride, scale_kernel_size
 
 FEATURE_FRAMES_PER_SECOND = 100  # 10 ms hop
 
@@ -63,9 +63,7 @@ def macs_per_second(model) -> float:
 
 def model_summary(model) -> dict:
     cfg = model.get_config()
-    stride = 1
-    for s in cfg["stackwise_strides"]:
-        stride *= s
+    stride = output_stride(cfg)
     return {
         "name": model.name,
         "params": trainable_parameters(model),

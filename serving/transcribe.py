@@ -24,17 +24,15 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import tensorflow as tf
-from scipy.signal import resample_poly
 
-from qn_keras.audio import AudioError, check_waveform, decode_audio
+from qn_keras.audio import AudioError, ResampledReader, check_waveform, decode_audio, pad_batch
 from qn_keras.decoding import beam_decode_ids, greedy_decode_ids
-from qn_keras.featurizer import NORM_EPSILON
+from qn_keras.featurizer import FeatureStatistics
 from qn_keras.inference import refusal_message
 from serving.recognizer import Recognizer
 
@@ -263,55 +261,6 @@ def receptive_field_seconds(block_args: dict, hop_seconds: float = 0.01) -> floa
     return (frames + 2) * hop_seconds
 
 
-class _ResampledReader:
-    """Random access to a file's mono audio at the target rate, read from disk in pieces.
-
-    Piece boundaries land on the polyphase grid with a margin wider than the resampling
-    filter, so every piece equals the same samples of ``decode_audio`` on the whole file.
-    """
-
-    def __init__(self, item: AudioItem, target_rate: int):
-        self.file = sf.SoundFile(str(item.path))
-        self.rate = self.file.samplerate
-        self.start = min(int(round(max(item.offset, 0.0) * self.rate)), self.file.frames)
-        end = self.file.frames
-        if item.duration is not None:
-            end = min(end, self.start + int(round(item.duration * self.rate)))
-        self.native_length = end - self.start
-        ratio = Fraction(int(target_rate), int(self.rate))
-        self.up, self.down = ratio.numerator, ratio.denominator
-        self.length = -(-self.native_length * self.up // self.down)
-        reach = -(-10 * max(self.up, self.down) // self.up) + 1
-        self.margin = reach + 1
-
-    def close(self) -> None:
-        self.file.close()
-
-    def _native(self, start: int, stop: int) -> np.ndarray:
-        out = np.zeros(stop - start, dtype=np.float32)
-        lo, hi = max(start, 0), min(stop, self.native_length)
-        if hi > lo:
-            self.file.seek(self.start + lo)
-            data = self.file.read(hi - lo, dtype="float32", always_2d=True)
-            mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-            out[lo - start : lo - start + len(mono)] = mono
-        return out
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Target-rate samples ``[start, stop)``, clipped to the file."""
-        start, stop = max(start, 0), min(stop, self.length)
-        if self.up == self.down:
-            return self._native(start, stop)
-        # A native start on the down-grid maps to an integer output index.
-        q = (start * self.down - self.margin * self.up) // (self.up * self.down)
-        native_start = q * self.down
-        native_stop = -(-stop * self.down // self.up) + self.margin
-        piece = self._native(native_start, native_stop).astype(np.float64)
-        out = resample_poly(piece, self.up, self.down)
-        first = start - q * self.up
-        return out[first : first + stop - start].astype(np.float32)
-
-
 class Transcriber:
     """Transcribes :class:`AudioItem` s with a :class:`Recognizer`.
 
@@ -375,10 +324,7 @@ class Transcriber:
         """One padded model call for several decoded waveforms. An item the model's input
         checks refuse (non-finite features, say) gets ``error`` set; the others are
         transcribed."""
-        lengths = np.array([len(w) for w in waveforms], dtype=np.int32)
-        batch = np.zeros((len(waveforms), lengths.max()), dtype=np.float32)
-        for row, waveform in zip(batch, waveforms, strict=True):
-            row[: len(waveform)] = waveform
+        batch, lengths = pad_batch(waveforms)
         self.max_piece_samples = max(self.max_piece_samples, int(lengths.max()))
         try:
             out = self.recognizer.serving_default(tf.constant(batch), tf.constant(lengths))
@@ -403,7 +349,7 @@ class Transcriber:
 
     # Long files -----------------------------------------------------------------------------
 
-    def _log_mel(self, reader: _ResampledReader, first: int, last: int) -> np.ndarray:
+    def _log_mel(self, reader: ResampledReader, first: int, last: int) -> np.ndarray:
         """Un-normalised log-mel frames ``[first, last)`` of the whole file, from a piece."""
         start = max(0, (first - self.margin_frames) * self.hop)
         stop = min(reader.length, (last + self.margin_frames) * self.hop)
@@ -423,28 +369,19 @@ class Transcriber:
         opts = self.options
         cfg = self.recognizer.featurizer
         stride = self.recognizer.stride
-        reader = _ResampledReader(item, cfg.sample_rate)
+        reader = ResampledReader(
+            item.path, cfg.sample_rate, offset=item.offset, duration=item.duration
+        )
         try:
             if reader.length < cfg.min_samples:
                 raise AudioError("too_short", f"Audio is too short to transcribe: {item.path}")
             num_frames = int(cfg.num_frames(reader.length))
             frames_per_second = cfg.sample_rate / self.hop
-            # Pass one: per-band mean and variance over the whole file (Chan et al.'s merge of
-            # block statistics, in float64).
+            # Pass one: per-band mean and variance over the whole file.
             block = int(opts.chunk_seconds * frames_per_second) + 1
-            count, mean, m2 = 0, np.zeros(cfg.num_mels), np.zeros(cfg.num_mels)
+            statistics = FeatureStatistics(cfg.num_mels)
             for first in range(0, num_frames, block):
-                frames = self._log_mel(reader, first, min(num_frames, first + block))
-                n = len(frames)
-                block_mean = frames.mean(axis=0, dtype=np.float64)
-                block_m2 = ((frames - block_mean) ** 2).sum(axis=0, dtype=np.float64)
-                delta = block_mean - mean
-                total = count + n
-                mean = mean + delta * n / total
-                m2 = m2 + block_m2 + delta**2 * count * n / total
-                count = total
-            mean32 = mean.astype(np.float32)
-            std32 = np.sqrt(m2 / max(count - 1, 1)).astype(np.float32)
+                statistics.add(self._log_mel(reader, first, min(num_frames, first + block)))
 
             # Pass two: chunks of output frames with context on both sides.
             out_frames = -(-num_frames // stride)
@@ -456,7 +393,7 @@ class Transcriber:
                 first = max(0, (first_out - context) * stride)
                 last = min(num_frames, (last_out + context) * stride)
                 raw = self._log_mel(reader, first, last)
-                features = (raw - mean32) / (std32 + NORM_EPSILON)
+                features = statistics.normalize(raw)
                 if not np.all(np.isfinite(features)):
                     raise AudioError(
                         "non_finite_features",

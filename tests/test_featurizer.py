@@ -247,3 +247,21 @@ def test_layer_config_round_trip_and_graph_mode():
         return layer(waveform, lens)
 
     np.testing.assert_allclose(graph(batch, lengths)[0].numpy(), expected, atol=1e-6)
+
+
+def test_statistics_accumulated_in_blocks_normalize_like_the_featurizer():
+    """Long audio is featurized piece by piece and normalized with statistics merged over the
+    pieces (qn transcribe's long-audio path): equal to the layer's own normalization."""
+    from qn_keras.featurizer import FeatureStatistics
+
+    wave = np.concatenate(_real_clips())
+    layer = LogMelSpectrogram(**FeaturizerConfig().to_dict())
+    batch, lengths = tf.constant(wave[None]), tf.constant([len(wave)])
+    log_mel, n = (t.numpy() for t in layer.log_mel(batch, lengths, training=False))
+    expected = layer(batch, lengths, training=False)[0].numpy()[0, : n[0]]
+    frames = log_mel[0, : n[0]]
+    statistics = FeatureStatistics(frames.shape[1])
+    for first in range(0, len(frames), 97):  # uneven blocks, the last one short
+        statistics.add(frames[first : first + 97])
+    assert statistics.count == len(frames)
+    assert np.abs(statistics.normalize(frames) - expected).max() <= 1e-5  # of one std
