@@ -101,7 +101,15 @@ def feature_check(features, feature_lengths) -> tf.Operation:
 
 def model_stride(model: tf.keras.Model) -> int:
     """Feature frames per output frame (2 for QuartzNet, 4 for the ContextNet preset)."""
-    return output_stride(model.block_args)
+    block_args = getattr(model, "block_args", None)
+    if block_args:
+        return output_stride(block_args)
+    # tfmot's quantization and pruning clones are plain Functional models without
+    # QuartzNetCTC's attributes: measure the stride from the output length instead.
+    frames = 256
+    features = tf.zeros([1, frames, model.inputs[0].shape[-1]])
+    _, lengths = model([features, tf.constant([frames])], training=False)
+    return max(1, round(frames / int(lengths[0])))
 
 
 class SpeechRecognizer(tf.Module):

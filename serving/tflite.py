@@ -25,11 +25,13 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras import files
+from qn_keras import tflite as lite
 from qn_keras.audio import AudioError, check_waveform
+from qn_keras.choices import EXPORT_TFLITE_MODES
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 
-MODES = ("float32", "float16", "dynamic")
-ENGINES = ("xnnpack", "builtin")
+MODES = EXPORT_TFLITE_MODES
+ENGINES = lite.ENGINES
 
 
 # TFLite's dynamic-range quantizer leaves constant weights under 1024 elements in float.
@@ -98,12 +100,7 @@ def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
     try:
         tf.saved_model.save(module, str(staging), signatures={"serving_default": signature})
         for mode in modes:
-            converter = tf.lite.TFLiteConverter.from_saved_model(str(staging))
-            if mode in ("float16", "dynamic"):
-                converter.optimizations = [tf.lite.Optimize.DEFAULT]
-            if mode == "float16":
-                converter.target_spec.supported_types = [tf.float16]
-            blob = converter.convert()
+            blob = lite.convert_saved_model(staging, mode)
             written[mode] = files.write_bytes(out_dir / f"{mode}.tflite", blob)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -137,21 +134,9 @@ class TFLiteRecognizer:
             raise FileNotFoundError(f"TFLite model not found: {self.path}")
         self.featurizer = _export_featurizer(self.path)
         self.min_samples = int(min_samples or self.featurizer.min_samples)
-        if engine not in ENGINES:
-            raise ValueError(f"Unknown TFLite engine {engine!r}; choose from {', '.join(ENGINES)}.")
-        kwargs = {}
-        if engine == "builtin":
-            # TFLite's own kernels, without the XNNPACK delegate it applies by default.
-            kwargs["experimental_op_resolver_type"] = (
-                tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-            )
         self.engine = engine
-        self.interpreter = tf.lite.Interpreter(
-            model_path=str(self.path), num_threads=num_threads or os.cpu_count(), **kwargs
-        )
-        self._input = self.interpreter.get_input_details()[0]["index"]
-        self._output = self.interpreter.get_output_details()[0]["index"]
-        self._length = None
+        self.model = lite.TFLiteModel(self.path, num_threads or os.cpu_count(), engine)
+        self.interpreter = self.model.interpreter
 
     def logprobs(self, waveform: np.ndarray, name: str = "audio") -> np.ndarray:
         """Log-probabilities ``[frames, vocabulary]`` of a mono float32 waveform; AudioError
@@ -159,13 +144,7 @@ class TFLiteRecognizer:
         waveform = np.asarray(waveform, dtype=np.float32).reshape(1, -1)
         cfg = self.featurizer
         check_waveform(waveform[0], self.min_samples, cfg.sample_rate, name=name)
-        if waveform.shape[1] != self._length:
-            self.interpreter.resize_tensor_input(self._input, list(waveform.shape))
-            self.interpreter.allocate_tensors()
-            self._length = waveform.shape[1]
-        self.interpreter.set_tensor(self._input, waveform)
-        self.interpreter.invoke()
-        logprobs = self.interpreter.get_tensor(self._output)[0]
+        logprobs = self.model(waveform)[0]
         if not np.all(np.isfinite(logprobs)):
             raise AudioError(
                 "non_finite_features",

@@ -22,9 +22,10 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras import files
+from qn_keras import tflite as lite
 from qn_keras.optimization.export_graph import export_graph
 
-MODES = ("float32", "float16", "dynamic", "int8", "qat")
+MODES = lite.MODES
 
 
 def serving_function(model: tf.keras.Model, num_features: int, batch_size: int | None = 1):
@@ -63,28 +64,10 @@ def convert(
     """
     if mode not in MODES:
         raise ValueError(f"Unknown TFLite mode {mode!r}. Known: {', '.join(MODES)}.")
+    if mode == "int8" and representative_features is None:
+        raise ValueError("int8 post-training quantization needs representative_features.")
     fn, graph = serving_function(model, num_features)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], graph)
-    if mode == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif mode in ("dynamic", "qat"):
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif mode == "int8":
-        if representative_features is None:
-            raise ValueError("int8 post-training quantization needs representative_features.")
-        samples = [np.asarray(f, np.float32) for f in representative_features]
-        if not samples:
-            raise ValueError("representative_features is empty.")
-
-        def dataset():
-            for f in samples:
-                yield [f[None]]
-
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = dataset
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    return lite.convert_function(fn, graph, mode, representative_features)
 
 
 def write_tflite(path, blob: bytes) -> Path:
@@ -98,17 +81,7 @@ class TFLiteRunner:
     """Runs a features-in TFLite model one utterance at a time (dynamic number of frames)."""
 
     def __init__(self, model_path_or_bytes, num_threads: int | None = None):
-        if isinstance(model_path_or_bytes, bytes | bytearray):
-            self.interpreter = tf.lite.Interpreter(
-                model_content=bytes(model_path_or_bytes), num_threads=num_threads
-            )
-        else:
-            self.interpreter = tf.lite.Interpreter(
-                model_path=str(model_path_or_bytes), num_threads=num_threads
-            )
-        self._input = self.interpreter.get_input_details()[0]
-        self._output = self.interpreter.get_output_details()[0]
-        self._frames = None
+        self.model = lite.TFLiteModel(model_path_or_bytes, num_threads)
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """``[frames, num_features]`` float32 -> ``[frames', vocabulary]`` log-probabilities.
@@ -116,21 +89,14 @@ class TFLiteRunner:
         The model returns logits; log-softmax runs here in float64 -> float32, so integer
         models do not round their log-probabilities to 8 bits.
         """
-        features = np.asarray(features, np.float32)[None]
-        if self._frames != features.shape[1]:
-            self.interpreter.resize_tensor_input(self._input["index"], features.shape)
-            self.interpreter.allocate_tensors()
-            self._frames = features.shape[1]
-        self.interpreter.set_tensor(self._input["index"], features)
-        self.interpreter.invoke()
-        logits = self.interpreter.get_tensor(self._output["index"])[0].astype(np.float64)
+        logits = self.model(np.asarray(features, np.float32)[None])[0].astype(np.float64)
         logits -= logits.max(axis=-1, keepdims=True)
         return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
 def op_counts(model_path_or_bytes) -> Counter:
     """TFLite builtin op names and how often each occurs."""
-    interpreter = _interpreter(model_path_or_bytes)
+    interpreter = lite.interpreter(model_path_or_bytes)
     return Counter(op["op_name"] for op in interpreter._get_ops_details())
 
 
@@ -139,7 +105,7 @@ def compute_op_types(model_path_or_bytes) -> dict:
 
     An integer model has int8 activations into every one of them.
     """
-    interpreter = _interpreter(model_path_or_bytes)
+    interpreter = lite.interpreter(model_path_or_bytes)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     out = {}
     for op in interpreter._get_ops_details():
@@ -155,7 +121,7 @@ def compute_op_types(model_path_or_bytes) -> dict:
 
 def weight_tensors(model_path_or_bytes) -> list[dict]:
     """The weight tensors of conv / depthwise / fully-connected ops with their quantization."""
-    interpreter = _interpreter(model_path_or_bytes)
+    interpreter = lite.interpreter(model_path_or_bytes)
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     out = []
     for op in interpreter._get_ops_details():
@@ -199,12 +165,8 @@ def speed(
     ``invokes`` calls, per wall-clock second and per CPU second of this process (on a shared
     machine the CPU-time figure is the stable one; with one thread they agree on an idle one).
     """
-    kwargs = {}
-    if not xnnpack:
-        kwargs["experimental_op_resolver_type"] = (
-            tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-        )
-    interpreter = _interpreter(model_path_or_bytes, num_threads=threads, **kwargs)
+    engine = "xnnpack" if xnnpack else "builtin"
+    interpreter = lite.interpreter(model_path_or_bytes, num_threads=threads, engine=engine)
     detail = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(detail["index"], [1, frames, num_features])
     interpreter.allocate_tensors()
@@ -226,7 +188,7 @@ def speed(
 
 def tensor_elements(model_path_or_bytes, dtype: str, constant: bool = False) -> int:
     """Elements in the model's tensors of ``dtype`` (``constant``: only those holding data)."""
-    interpreter = _interpreter(model_path_or_bytes)
+    interpreter = lite.interpreter(model_path_or_bytes)
     total = 0
     for detail in interpreter.get_tensor_details():
         if np.dtype(detail["dtype"]).name != dtype:
@@ -238,12 +200,6 @@ def tensor_elements(model_path_or_bytes, dtype: str, constant: bool = False) -> 
                 continue
         total += int(np.prod(detail["shape"]))
     return total
-
-
-def _interpreter(model_path_or_bytes, **kwargs):
-    if isinstance(model_path_or_bytes, bytes | bytearray):
-        return tf.lite.Interpreter(model_content=bytes(model_path_or_bytes), **kwargs)
-    return tf.lite.Interpreter(model_path=str(model_path_or_bytes), **kwargs)
 
 
 def audio_seconds_per_second(
