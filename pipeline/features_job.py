@@ -124,8 +124,8 @@ def _stats_input(item) -> tuple:
     return item.num_frames, item.duration, item.is_source
 
 
-def _failure_line(record: dict) -> str:
-    return json.dumps(record, ensure_ascii=False, sort_keys=True)
+def _failure_line(failure) -> str:
+    return json.dumps(failure.to_dict(), ensure_ascii=False, sort_keys=True)
 
 
 class WriteShards(beam.PTransform):

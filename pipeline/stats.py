@@ -72,7 +72,7 @@ class CountByReasonFn(beam.CombineFn):
         return collections.Counter()
 
     def add_input(self, acc, element):
-        acc[element["reason"]] += 1
+        acc[element.reason] += 1
         return acc
 
     def merge_accumulators(self, accumulators):

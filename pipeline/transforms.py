@@ -6,88 +6,45 @@ Elements flowing through the job:
 - :class:`Transcribed`: an utterance with its normalized transcript and token ids;
 - :class:`Decoded`: plus its 16 kHz mono waveform (and speed-perturbed copies of it);
 - :class:`Featurized`: features and everything the TFRecord holds;
-- failure dicts ``{"source", "utt_id", "audio_filepath", "reason", "message"}`` on each
-  DoFn's ``failed`` output, written to ``failures.jsonl``.
+- :class:`qn_keras.data.manifest.Failure` on each DoFn's ``failed`` output, written to
+  ``failures.jsonl``.
+
+The per-utterance work itself lives in :mod:`qn_keras.data.records` (the trainer's manifest
+cache runs the same functions); this module adds Beam: parallelism, counters, tagged outputs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from qn_keras.data.manifest import ManifestFailure, Utterance, manifest_kind, parse_lines
+from qn_keras.data.manifest import Failure, Utterance, manifest_kind, parse_lines
+from qn_keras.data.records import (  # noqa: F401  (re-exported: the job's element types)
+    FEATURIZE_ERROR,
+    Decoded,
+    Featurized,
+    Transcribed,
+    band_limit,
+    decode_utterance,
+    featurize_decoded,
+    narrowband_copies,
+    narrowband_suffix,
+    perturb_speed,
+    speed_perturbed_copies,
+    speed_suffix,
+    to_tf_example,
+    tokenize_utterance,
+)
 
 FAILED = "failed"
 NAMESPACE = "qn_features"
-FEATURIZE_ERROR = "featurize_error"
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Transcribed:
-    utt: Utterance
-    text: str
-    labels: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoded:
-    utt_id: str
-    utt: Utterance
-    text: str
-    labels: tuple
-    waveform: np.ndarray
-    speed: float = 1.0
-    narrowband: int = 0  # the sample rate a narrowband copy was passed through; 0: full band
-
-    @property
-    def is_source(self) -> bool:
-        return self.speed == 1.0 and not self.narrowband
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.waveform.shape[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class Featurized:
-    utt_id: str
-    utt: Utterance
-    text: str
-    labels: tuple
-    features: np.ndarray
-    duration: float
-    speed: float = 1.0
-    narrowband: int = 0
-
-    @property
-    def is_source(self) -> bool:
-        return self.speed == 1.0 and not self.narrowband
-
-    @property
-    def num_frames(self) -> int:
-        return int(self.features.shape[0])
-
-
-def failure(
-    utt: Utterance | None, reason: str, message: str, utt_id: str | None = None, source=None
-) -> dict:
-    """A ``failures.jsonl`` record."""
-    return {
-        "source": source if source is not None else (utt.source if utt else None),
-        "utt_id": utt_id if utt_id is not None else (utt.utt_id if utt else None),
-        "audio_filepath": utt.audio_filepath if utt else None,
-        "reason": reason,
-        "message": message,
-    }
 
 
 def _failure_counter(reason: str):
@@ -127,13 +84,13 @@ class ParseManifestFn(beam.DoFn):
             self.bad_lines.inc()
             yield beam.pvalue.TaggedOutput(
                 FAILED,
-                failure(None, "bad_manifest_line", f"Cannot read manifest: {e}", source=path),
+                Failure.of(None, "bad_manifest_line", f"Cannot read manifest: {e}", source=path),
             )
             return
         for item in parse_lines(lines, path, kind):
-            if isinstance(item, ManifestFailure):
+            if isinstance(item, Failure):
                 self.bad_lines.inc()
-                yield beam.pvalue.TaggedOutput(FAILED, {**item.to_dict(), "audio_filepath": None})
+                yield beam.pvalue.TaggedOutput(FAILED, item)
             else:
                 self.utterances.inc()
                 yield item
@@ -177,17 +134,14 @@ class TokenizeFn(beam.DoFn):
         self.tokenizer = CharTokenizer(self.labels)
 
     def process(self, utt: Utterance):
-        from qn_keras.data.text import TranscriptError, tokenize_transcript
-
-        try:
-            text, ids, unknown = tokenize_transcript(self.tokenizer, utt.text, self.oov)
-        except TranscriptError as e:
+        transcribed, dropped = tokenize_utterance(utt, self.tokenizer, self.oov)
+        if isinstance(transcribed, Failure):
             self.rejected.inc()
-            yield beam.pvalue.TaggedOutput(FAILED, failure(utt, e.reason, str(e)))
+            yield beam.pvalue.TaggedOutput(FAILED, transcribed)
             return
-        if unknown:
-            self.dropped_chars.inc(sum(unknown.values()))
-        yield Transcribed(utt, text, tuple(ids))
+        if dropped:
+            self.dropped_chars.inc(dropped)
+        yield transcribed
 
 
 def read_audio_source(path: str):
@@ -200,115 +154,6 @@ def read_audio_source(path: str):
         return None
     with FileSystems.open(path) as f:
         return f.read()
-
-
-def decode_utterance(
-    item: Transcribed, sample_rate: int, min_samples: int, max_duration: float | None = None
-) -> Decoded | dict:
-    """Transcribed -> :class:`Decoded` 16 kHz mono waveform (offset/duration applied), or a
-    failure record: ``missing_file``, ``unreadable_audio``, ``empty_audio``, ``non_finite``,
-    ``too_short`` (fewer samples than two feature frames need), ``too_long``."""
-    from qn_keras.audio import AudioError, check_waveform, decode_audio
-
-    utt = item.utt
-    try:
-        source = read_audio_source(utt.audio_filepath)
-        if source is None:
-            raise AudioError("missing_file", f"Audio file not found: {utt.audio_filepath}")
-        waveform = decode_audio(
-            source,
-            target_rate=sample_rate,
-            offset=utt.offset,
-            duration=utt.read_duration,
-            name=utt.audio_filepath,
-        )
-        check_waveform(waveform, min_samples, sample_rate, max_duration, utt.audio_filepath)
-    except AudioError as e:
-        return failure(utt, e.reason, str(e))
-    return Decoded(utt.utt_id, utt, item.text, item.labels, waveform)
-
-
-def speed_suffix(rate: float) -> str:
-    return f"_sp{rate:g}"
-
-
-def perturb_speed(waveform: np.ndarray, rate: float, sample_rate: int) -> np.ndarray:
-    """Plays ``waveform`` ``rate`` times as fast, changing tempo and pitch together (NeMo's
-    ``SpeedPerturbation``, Kaldi's recipe): the audio is treated as sampled at
-    ``rate * sample_rate`` and resampled back to ``sample_rate``."""
-    from qn_keras.audio import resample
-
-    return resample(waveform, int(round(sample_rate * rate)), sample_rate)
-
-
-def speed_perturbed_copies(
-    item: Decoded, rates: Sequence[float], sample_rate: int, min_samples: int
-) -> list[Decoded | dict]:
-    """The item itself plus one copy per rate (ids suffixed ``_sp<rate>``); a copy too short to
-    featurize is a ``too_short`` failure under its own id."""
-    copies: list[Decoded | dict] = [item]
-    for rate in rates:
-        if float(rate) == 1.0:
-            continue
-        utt_id = item.utt_id + speed_suffix(rate)
-        waveform = perturb_speed(item.waveform, rate, sample_rate)
-        if waveform.shape[0] < min_samples:
-            message = (
-                f"Speed {rate:g} copy has {waveform.shape[0]} samples, fewer than {min_samples}"
-            )
-            copies.append(failure(item.utt, "too_short", message, utt_id=utt_id))
-            continue
-        copies.append(dataclasses.replace(item, utt_id=utt_id, waveform=waveform, speed=rate))
-    return copies
-
-
-def narrowband_suffix(rate: int) -> str:
-    return f"_nb{rate:d}"
-
-
-def band_limit(waveform: np.ndarray, via_rate: int, sample_rate: int) -> np.ndarray:
-    """The waveform as a ``via_rate`` recording upsampled to ``sample_rate`` would sound:
-    low-passed at 95% of ``via_rate / 2`` with a 513-tap Kaiser FIR (about -47 dB above the
-    cut-off; the 41-tap filter of a resample_poly round trip leaked -30 dB), same length."""
-    from scipy.signal import fftconvolve, firwin
-
-    taps = firwin(513, 0.95 * via_rate / 2, fs=sample_rate, window=("kaiser", 10.0))
-    return fftconvolve(waveform.astype(np.float64), taps, mode="same").astype(np.float32)
-
-
-def narrowband_copies(items: list, rates: Sequence[int], sample_rate: int) -> list:
-    """``items`` plus, for every decoded one (speed copies too), one copy band-limited through
-    each rate in ``rates`` (ids suffixed ``_nb<rate>``): trains models that must also
-    transcribe narrowband sources (telephone audio, 8 kHz corpora upsampled to 16 kHz), whose
-    top mel bins hold nothing but normalized noise. Failure records pass through."""
-    out = list(items)
-    for item in items:
-        if isinstance(item, dict):
-            continue
-        for rate in rates:
-            waveform = band_limit(item.waveform, int(rate), sample_rate)
-            utt_id = item.utt_id + narrowband_suffix(int(rate))
-            out.append(dataclasses.replace(item, utt_id=utt_id, waveform=waveform, narrowband=rate))
-    return out
-
-
-def featurize_decoded(featurizer, item: Decoded) -> Featurized | dict:
-    """Decoded -> :class:`Featurized`; any error is a ``featurize_error`` failure record."""
-    try:
-        features = featurizer(item.waveform)
-    except Exception as e:  # noqa: BLE001 - one bad utterance must not stop the job
-        return failure(item.utt, FEATURIZE_ERROR, f"{type(e).__name__}: {e}", item.utt_id)
-    duration = item.num_samples / featurizer.config.sample_rate
-    return Featurized(
-        item.utt_id,
-        item.utt,
-        item.text,
-        item.labels,
-        features,
-        duration,
-        item.speed,
-        item.narrowband,
-    )
 
 
 class DecodeAndFeaturizeFn(beam.DoFn):
@@ -367,15 +212,17 @@ class DecodeAndFeaturizeFn(beam.DoFn):
 
     def _one(self, item: Transcribed) -> tuple[bool, list]:
         config = self.featurizer.config
-        decoded = decode_utterance(item, config.sample_rate, config.min_samples, self.max_duration)
-        if isinstance(decoded, dict):
+        decoded = decode_utterance(
+            item, config.sample_rate, config.min_samples, self.max_duration, read_audio_source
+        )
+        if isinstance(decoded, Failure):
             return False, [decoded]
         copies = speed_perturbed_copies(
             decoded, self.speed_perturb, config.sample_rate, config.min_samples
         )
         copies = narrowband_copies(copies, self.narrowband, config.sample_rate)
         featurized = [
-            c if isinstance(c, dict) else featurize_decoded(self.featurizer, c) for c in copies
+            c if isinstance(c, Failure) else featurize_decoded(self.featurizer, c) for c in copies
         ]
         return True, featurized
 
@@ -385,8 +232,8 @@ class DecodeAndFeaturizeFn(beam.DoFn):
             if decoded:
                 self.decoded.inc()
             for outcome in outcomes:
-                if isinstance(outcome, dict):
-                    _failure_counter(outcome["reason"]).inc()
+                if isinstance(outcome, Failure):
+                    _failure_counter(outcome.reason).inc()
                     yield beam.pvalue.TaggedOutput(FAILED, outcome)
                     continue
                 if not outcome.is_source:
@@ -395,14 +242,6 @@ class DecodeAndFeaturizeFn(beam.DoFn):
                 self.frames.update(outcome.num_frames)
                 self.audio_ms.inc(int(round(outcome.duration * 1000)))
                 yield outcome
-
-
-def to_tf_example(item: Featurized) -> bytes:
-    from qn_keras.data.schema import serialize_utterance
-
-    return serialize_utterance(
-        item.features, item.labels, item.text, item.duration, item.utt_id, item.utt.audio_filepath
-    )
 
 
 class FeaturizeUtterances(beam.PTransform):

@@ -80,6 +80,17 @@ def test_sample_data_round_trip(tmp_path):
     assert source.length_histogram == info["length_histogram"]
     source.check_compatible(tok, config)
 
+    # The trainer featurizing the same manifest itself writes the same records (one
+    # per-utterance chain, qn_keras.data.records, behind both).
+    from qn_keras.training.data import featurize_manifest
+
+    cached = featurize_manifest(manifest, tok, config, tmp_path / "cache")
+    again = _read_back(cached.path)
+    assert sorted(again) == sorted(got)
+    for utt_id, (features, labels, transcript) in got.items():
+        np.testing.assert_allclose(again[utt_id][0], features, rtol=0, atol=1e-6)
+        assert again[utt_id][1:] == (labels, transcript)
+
     # A damaged info file is refused by name, not silently re-scanned or half-read.
     damaged = dict(info)
     del damaged["num_utterances"], damaged["hours"]

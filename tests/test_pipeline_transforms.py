@@ -27,6 +27,7 @@ from pipeline.transforms import (
     to_tf_example,
 )
 from qn_keras.data import Utterance, schema
+from qn_keras.data.manifest import Failure
 from qn_keras.featurizer import FeaturizerConfig, featurize
 from qn_keras.tokenizer import ENGLISH_LABELS, CharTokenizer
 
@@ -60,7 +61,7 @@ def test_read_manifests_splits_good_and_bad_lines(tmp_path):
         expected += [("19-198-0000", str(chapter / "19-198-0000.flac"))]
         expected += [("t", str(tmp_path / "clips" / "t.wav"))]
         assert_that(ids, equal_to(expected))
-        bad = read[FAILED] | "Bad" >> beam.Map(lambda f: (f["source"], f["reason"]))
+        bad = read[FAILED] | "Bad" >> beam.Map(lambda f: (f.source, f.reason))
         assert_that(bad, equal_to([(f"{m1}:3", "bad_manifest_line")]), label="CheckBad")
 
 
@@ -80,9 +81,7 @@ def test_tokenize_and_dataset_stats():
             if oov == "drop":
                 expected.append(("b", "room", tuple(tok.encode("room"))))
             assert_that(texts, equal_to(expected), label=f"CheckTexts{oov}")
-            reasons = out[FAILED] | f"Reasons{oov}" >> beam.Map(
-                lambda f: (f["utt_id"], f["reason"])
-            )
+            reasons = out[FAILED] | f"Reasons{oov}" >> beam.Map(lambda f: (f.utt_id, f.reason))
             assert_that(
                 reasons,
                 equal_to([("b", "oov_transcript")] if oov == "reject" else []),
@@ -114,7 +113,7 @@ def test_tokenize_and_dataset_stats():
         )
         counts = (
             p
-            | "Failures" >> beam.Create([{"reason": "b"}, {"reason": "a"}, {"reason": "b"}])
+            | "Failures" >> beam.Create([Failure("s", "m", r) for r in "bab"])
             | "Count" >> beam.CombineGlobally(CountByReasonFn())
             | "Json" >> beam.Map(json.dumps)
         )
@@ -128,9 +127,9 @@ def test_decode_and_speed_perturb_steps(tmp_path):
     decoded = decode_utterance(Transcribed(_utt("g8k", good), "a", (1,)), 16000, 320, 2.0)
     assert decoded.num_samples == 16000  # 8 kHz resampled to 16 kHz
     too_long = decode_utterance(Transcribed(_utt("long", long), "a", (1,)), 16000, 320, 2.0)
-    assert too_long["reason"] == "too_long" and too_long["utt_id"] == "long"
+    assert too_long.reason == "too_long" and too_long.utt_id == "long"
     gone = decode_utterance(Transcribed(_utt("gone", str(tmp_path / "x.wav")), "a", ()), 16000, 320)
-    assert gone["reason"] == "missing_file" and "x.wav" in gone["message"]
+    assert gone.reason == "missing_file" and "x.wav" in gone.message
 
     item = Decoded("u", _utt("u"), "a", (1,), tone(1.0))
     copies = speed_perturbed_copies(item, [0.9, 1.0, 1.1], 16000, 320)
@@ -142,7 +141,7 @@ def test_decode_and_speed_perturb_steps(tmp_path):
     ]
     tiny = Decoded("t", _utt("t"), "a", (1,), tone(1.0)[:330])
     kept, short = speed_perturbed_copies(tiny, [1.1], 16000, 320)
-    assert kept is tiny and (short["utt_id"], short["reason"]) == ("t_sp1.1", "too_short")
+    assert kept is tiny and (short.utt_id, short.reason) == ("t_sp1.1", "too_short")
 
 
 def test_narrowband_copies_remove_the_top_band():
@@ -160,16 +159,16 @@ def test_narrowband_copies_remove_the_top_band():
 
     item = Decoded("u", _utt("u"), "a", (1,), noise)
     copies = speed_perturbed_copies(item, [1.1], 16000, 320)
-    failed = {"utt_id": "x", "reason": "too_short"}
+    failed = Failure("s", "m", "too_short", utt_id="x")
     out = narrowband_copies([*copies, failed], [8000], 16000)
-    assert [c["utt_id"] if isinstance(c, dict) else c.utt_id for c in out] == [
+    assert [c.utt_id for c in out] == [
         "u",
         "u_sp1.1",
         "x",
         "u_nb8000",
         "u_sp1.1_nb8000",
     ]
-    assert [c.is_source for c in out if not isinstance(c, dict)] == [True, False, False, False]
+    assert [c.is_source for c in out if not isinstance(c, Failure)] == [True, False, False, False]
     assert out[4].speed == 1.1 and out[4].narrowband == 8000
     assert out[4].num_samples == out[1].num_samples
 
@@ -203,7 +202,7 @@ def test_decode_and_featurize_batches_and_composite(tmp_path):
         assert_that(
             checked, equal_to([("u0", 40, 0.4), ("u1", 60, 0.6), ("u2", 80, 0.8)]), label="Feats"
         )
-        failed = out[FAILED] | "Failed" >> beam.Map(lambda f: (f["utt_id"], f["reason"]))
+        failed = out[FAILED] | "Failed" >> beam.Map(lambda f: (f.utt_id, f.reason))
         assert_that(failed, equal_to([("gone", "missing_file")]), label="Failures")
 
         composite = (
@@ -230,7 +229,7 @@ def test_decode_and_featurize_batches_and_composite(tmp_path):
             label="Comp",
         )
         assert_that(
-            composite[FAILED] | "R" >> beam.Map(lambda f: f["reason"]),
+            composite[FAILED] | "R" >> beam.Map(lambda f: f.reason),
             equal_to(["missing_file"]),
             label="CompFailures",
         )

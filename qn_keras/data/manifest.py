@@ -65,21 +65,38 @@ class Utterance:
 
 
 @dataclasses.dataclass(frozen=True)
-class ManifestFailure:
-    """A manifest line that could not be turned into an :class:`Utterance`."""
+class Failure:
+    """An utterance (or manifest line) that could not be used, and why: the one failure type
+    of manifest readers, the feature job's ``failures.jsonl`` and the trainer's cache."""
 
-    source: str
+    source: str | None  # "<manifest>:<line>", or the manifest when it cannot be read at all
     message: str
     reason: str = BAD_MANIFEST_LINE
     utt_id: str | None = None
+    audio_filepath: str | None = None
+
+    @classmethod
+    def of(cls, utt: Utterance | None, reason: str, message: str, utt_id=None, source=None):
+        """A failure of ``utt`` (ids and paths taken from it unless given)."""
+        return cls(
+            source=source if source is not None else (utt.source if utt else None),
+            message=message,
+            reason=reason,
+            utt_id=utt_id if utt_id is not None else (utt.utt_id if utt else None),
+            audio_filepath=utt.audio_filepath if utt else None,
+        )
 
     def to_dict(self) -> dict:
         return {
             "source": self.source,
             "utt_id": self.utt_id,
+            "audio_filepath": self.audio_filepath,
             "reason": self.reason,
             "message": self.message,
         }
+
+
+ManifestFailure = Failure  # the readers' name for it
 
 
 def _is_url(path: str) -> bool:

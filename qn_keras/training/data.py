@@ -12,9 +12,11 @@ deterministic order, so a run resumed mid-epoch can skip exactly the batches it 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -24,7 +26,10 @@ import tensorflow as tf
 from qn_keras import files
 from qn_keras.data import reader, schema
 from qn_keras.data.dataset_info import DATASET_INFO, DatasetInfo, length_histogram
+from qn_keras.data.manifest import Failure, read_utterances
+from qn_keras.data.records import to_tf_example, utterance_records
 
+logger = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
 
@@ -181,6 +186,7 @@ def featurize_manifest(
             list(tokenizer.labels),
             max_duration,
             schema.SCHEMA_VERSION,
+            "records-2",  # made by qn_keras.data.records (the feature job's chain)
         ],
         sort_keys=True,
     )
@@ -210,39 +216,41 @@ def featurize_manifest(
 
 
 def _write_manifest_records(manifest, tokenizer, featurizer, target, max_duration, progress):
+    """The manifest's records, made by the feature job's own per-utterance chain
+    (:func:`qn_keras.data.records.utterance_records`); unusable utterances are counted by
+    reason in a warning, as ``qn features`` lists them in ``failures.jsonl``."""
     from tqdm import tqdm
 
-    ds = reader.manifest_dataset(
-        str(manifest),
-        tokenizer,
-        featurizer,
-        1,
-        shuffle=False,
-        bucket_boundaries=None,
-        deterministic=True,
-        max_duration=max_duration,
-        cache=False,
-        with_metadata=True,
-    )
-    count, seconds, lengths = 0, 0.0, []
+    from qn_keras.featurizer import CompiledFeaturizer
+
+    compiled = CompiledFeaturizer(featurizer)
+    count, seconds, lengths, failed = 0, 0.0, [], collections.Counter()
     with files.atomic_path(target) as tmp, tf.io.TFRecordWriter(str(tmp)) as writer:
-        bar = tqdm(ds, desc=f"featurizing {manifest.name}", unit="utt", disable=not progress)
-        for (features, feature_lengths), (labels, label_lengths), meta in bar:
-            n, u = int(feature_lengths[0]), int(label_lengths[0])
-            duration = float(meta[schema.DURATION][0])
-            writer.write(
-                schema.serialize_utterance(
-                    features[0, :n].numpy(),
-                    labels[0, :u].numpy().tolist(),
-                    meta[schema.TRANSCRIPT][0].numpy().decode("utf-8"),
-                    duration,
-                    meta[schema.UTT_ID][0].numpy().decode("utf-8"),
-                    str(manifest),
-                )
-            )
-            count += 1
-            seconds += duration
-            lengths.append(n)
+        items = tqdm(
+            list(read_utterances(manifest)),
+            desc=f"featurizing {manifest.name}",
+            unit="utt",
+            disable=not progress,
+        )
+        for item in items:
+            if isinstance(item, Failure):
+                failed[item.reason] += 1
+                continue
+            for out in utterance_records(item, tokenizer, compiled, max_duration=max_duration):
+                if isinstance(out, Failure):
+                    failed[out.reason] += 1
+                    continue
+                writer.write(to_tf_example(out))
+                count += 1
+                seconds += out.duration
+                lengths.append(out.num_frames)
+    if failed:
+        logger.warning(
+            "%s: skipped %d utterances: %s",
+            manifest,
+            sum(failed.values()),
+            dict(sorted(failed.items())),
+        )
     return {
         "num_utterances": count,
         "hours": seconds / 3600.0,
