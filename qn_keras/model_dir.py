@@ -13,11 +13,19 @@ Layout::
 
 Writes go to a temporary sibling folder that is renamed into place at the end, so an
 interrupted write never leaves a half-written model under the final name.
+
+Layering: this module sits above the model and the in-graph recognizer (it writes the serving
+SavedModel with :func:`qn_keras.inference.save_serving_model`) and below everything that makes
+model folders (training, optimization, tuning, NeMo import). A folder whose model needs more
+Keras classes than the core ones (tfmot's wrappers, say) names the modules that register them
+in ``metadata["requires"]``; loading imports those (``qn_keras.*`` only), so this module never
+imports the packages above it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 
@@ -26,6 +34,7 @@ import tensorflow as tf
 
 from qn_keras import files
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
+from qn_keras.inference import save_serving_model
 from qn_keras.tokenizer import CharTokenizer
 
 FORMAT = "qn-keras-model"
@@ -91,10 +100,19 @@ def save_model_dir(path, bundle: ModelBundle, *, serving: bool = True, overwrite
             meta["featurizer_arrays"] = arrays
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False))
         if serving:
-            from qn_keras.inference import save_serving_model
-
             save_serving_model(tmp / SAVED_MODEL_DIR, bundle)
     return path
+
+
+def required_modules(metadata: dict) -> list[str]:
+    """The modules a folder's model needs imported before it deserializes."""
+    modules = list(metadata.get("requires", []))
+    if metadata.get("optimization") and not modules:  # folders written before "requires"
+        modules = ["qn_keras.optimization"]
+    bad = [m for m in modules if not str(m).startswith("qn_keras.")]
+    if bad:
+        raise ValueError(f"The model folder requires modules outside qn_keras: {bad}")
+    return modules
 
 
 def load_model_dir(path, compile: bool = False) -> ModelBundle:
@@ -112,8 +130,8 @@ def load_model_dir(path, compile: bool = False) -> ModelBundle:
         raise ValueError(f"{path / META_FILE} is not a {FORMAT} file.")
     import qn_keras.quartznet_ctc  # noqa: F401  (registers the custom layers before deserializing)
 
-    if meta.get("metadata", {}).get("optimization"):
-        import qn_keras.optimization  # noqa: F401  (registers tfmot's quantize/prune wrappers)
+    for module in required_modules(meta.get("metadata", {})):
+        importlib.import_module(module)  # registers the Keras classes the model needs
 
     model = tf.keras.models.load_model(path / KERAS_FILE, compile=compile)
     arrays = {}

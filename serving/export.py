@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import re
 from pathlib import Path
 
@@ -36,19 +35,21 @@ import tensorflow as tf
 
 from qn_keras import files
 from qn_keras.inference import SpeechRecognizer
+from serving.layout import (  # noqa: F401  (re-exported: the export's names)
+    METADATA_FILE,
+    TFLITE_DIR,
+    WARMUP_FILE,
+    existing_versions,
+    latest_version_dir,
+    read_export_metadata,
+)
 from serving.wav import decode_wav_batch
 
 WAV_INPUT = "wav_bytes"
 SIGNATURES = ("serving_default", "transcribe_wav")
 OUTPUTS = ("transcripts", "logprobs", "logprob_lengths")
-WARMUP_FILE = "tf_serving_warmup_requests"
-# Not qn_model.json, which is the model folder's own file (qn_keras.model_dir) with other keys;
-# exports written before the rename are still read (read_export_metadata).
-METADATA_FILE = "qn_export.json"
-_OLD_METADATA_FILE = "qn_model.json"
 MODELS_CONFIG = "models.config"
 BATCHING_FILE = "batching_parameters.txt"
-TFLITE_DIR = "tflite"
 EXPORT_FORMAT = "qn-keras-serving"
 
 # Ops of the exported graphs (functions included) for the model presets and for the
@@ -152,25 +153,6 @@ def check_stock_ops(path) -> None:
         )
 
 
-def existing_versions(model_base) -> list[int]:
-    base = Path(model_base)
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
-
-
-def latest_version_dir(model_base) -> Path:
-    """The newest integer version folder holding a saved_model.pb, as TF Serving would pick."""
-    base = Path(model_base)
-    versions = [v for v in existing_versions(base) if (base / str(v) / "saved_model.pb").is_file()]
-    if not versions:
-        raise FileNotFoundError(
-            f"No version folder with a saved_model.pb under {base}; export one with "
-            "`qn export --model DIR --out BASE --name NAME`."
-        )
-    return base / str(versions[-1])
-
-
 def _synthetic_waveform(seconds: float, sample_rate: int, seed: int = 0) -> np.ndarray:
     # A gliding tone in light noise: exercises every graph path; the content does not matter.
     rng = np.random.default_rng(seed)
@@ -244,15 +226,6 @@ def models_config_text(name: str, container_base: str = "/models") -> str:
     model.model_platform = "tensorflow"
     model.model_version_policy.latest.num_versions = 1
     return text_format.MessageToString(config)
-
-
-def read_export_metadata(version_dir) -> dict | None:
-    """``assets.extra/qn_export.json`` of a version folder (or the older name), or None."""
-    for name in (METADATA_FILE, _OLD_METADATA_FILE):
-        path = Path(version_dir) / "assets.extra" / name
-        if path.is_file():
-            return json.loads(path.read_text())
-    return None
 
 
 def _check_name(name: str) -> None:

@@ -64,7 +64,7 @@ def from_bundle(bundle, source: str = "<in memory>") -> Recognizer:
 
 
 def _from_export(version_dir: Path) -> Recognizer:
-    from serving.export import METADATA_FILE, read_export_metadata
+    from serving.layout import METADATA_FILE, read_export_metadata
 
     meta = read_export_metadata(version_dir)
     if meta is None:
@@ -90,7 +90,7 @@ def _from_export(version_dir: Path) -> Recognizer:
 def load_recognizer(path) -> Recognizer:
     """A model folder, an exported version folder ``BASE/NAME/N``, or ``BASE/NAME`` (its
     latest version). ValueError saying what was expected otherwise."""
-    from serving.export import existing_versions, latest_version_dir
+    from serving.layout import existing_versions, latest_version_dir
 
     path = Path(path)
     if not path.exists():

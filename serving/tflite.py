@@ -157,7 +157,7 @@ class TFLiteRecognizer:
 def _export_featurizer(tflite_path: Path) -> FeaturizerConfig:
     """The front end of the export a ``.tflite`` sits in (``VERSION/tflite/x.tflite`` beside
     ``VERSION/assets.extra/qn_export.json``), else the default front end."""
-    from serving.export import read_export_metadata
+    from serving.layout import read_export_metadata
 
     meta = read_export_metadata(tflite_path.parent.parent)
     return FeaturizerConfig.from_dict(meta["featurizer"]) if meta else FeaturizerConfig()

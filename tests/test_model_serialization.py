@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from parity import assert_logprobs_close
 
-import qn_keras.inference
+import qn_keras.model_dir
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 from qn_keras.layers import ChannelShuffle, ConvLengths, LogSoftmax, SequenceMask, SqueezeExcite
 from qn_keras.model_dir import ModelBundle, is_model_dir, load_model_dir, save_model_dir
@@ -172,7 +172,7 @@ def test_failed_save_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
         (Path(path) / "half_written").write_text("x")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(qn_keras.inference, "save_serving_model", broken)
+    monkeypatch.setattr(qn_keras.model_dir, "save_serving_model", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         save_model_dir(tmp_path / "model", bundle, serving=True)
     assert list(tmp_path.iterdir()) == []  # no final folder, no temporary left behind

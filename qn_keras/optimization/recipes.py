@@ -20,6 +20,8 @@ from qn_keras.optimization.evaluate import keras_logprobs, load_features, score,
 from qn_keras.optimization.quantize import get_scheme, quantize_model
 
 OPTIMIZATION_KEY = "optimization"
+# What loading one of these folders needs imported (tfmot's wrappers; see qn_keras.model_dir).
+REQUIRES = ["qn_keras.optimization"]
 MODEL_SUBDIR = "model"
 FINETUNE_SUBDIR = "finetune"
 TFLITE_FILE = "model.tflite"
@@ -151,7 +153,7 @@ def run_qat(
         steps=result.steps,
         best=result.best,
     )
-    metadata = {**_carried(bundle.metadata), OPTIMIZATION_KEY: info}
+    metadata = {**_carried(bundle.metadata), OPTIMIZATION_KEY: info, "requires": REQUIRES}
     out = dataclasses.replace(bundle, model=trained.model, metadata=metadata)
     return save_optimized(out_dir / MODEL_SUBDIR, out, blob)
 
@@ -235,7 +237,7 @@ def run_prune(
         steps=result.steps,
         val=metrics,
     )
-    metadata = {**_carried(bundle.metadata), OPTIMIZATION_KEY: info}
+    metadata = {**_carried(bundle.metadata), OPTIMIZATION_KEY: info, "requires": REQUIRES}
     out = dataclasses.replace(bundle, model=stripped, metadata=metadata)
     return save_optimized(out_dir / MODEL_SUBDIR, out, blob)
 
@@ -292,14 +294,14 @@ def run_ptq(
         representative_samples=len(representative) if representative else None,
         parent=source_info or None,
     )
-    metadata = {**_carried(bundle.metadata), OPTIMIZATION_KEY: info}
+    metadata = {**_carried(bundle.metadata), OPTIMIZATION_KEY: info, "requires": REQUIRES}
     out = dataclasses.replace(bundle, model=bundle.model, metadata=metadata)
     return save_optimized(out_dir / MODEL_SUBDIR, out, blob)
 
 
 def _carried(metadata: dict) -> dict:
     """Source metadata worth keeping (training provenance), without a previous optimization."""
-    return {k: v for k, v in metadata.items() if k != OPTIMIZATION_KEY}
+    return {k: v for k, v in metadata.items() if k not in (OPTIMIZATION_KEY, "requires")}
 
 
 def resolve_model_dir(path) -> Path:
