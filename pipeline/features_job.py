@@ -49,6 +49,7 @@ from pipeline.transforms import FAILED, NAMESPACE, FeaturizeUtterances, ReadMani
 from qn_keras.data.dataset_info import DATASET_INFO, build_dataset_info
 from qn_keras.data.schema import SCHEMA_VERSION
 from qn_keras.data.text import OOV_POLICIES
+from qn_keras.errors import UserInputError
 from qn_keras.featurizer import ERAS, FeaturizerConfig
 from qn_keras.tokenizer import ENGLISH_LABELS, CharTokenizer
 
@@ -79,24 +80,26 @@ class FeatureJobConfig:
     def __post_init__(self):
         self.compression = (self.compression or "none").lower()
         if not self.manifests:
-            raise ValueError("At least one manifest is needed (--manifest PATH).")
+            raise UserInputError("At least one manifest is needed (--manifest PATH).")
         if self.era not in ERAS:
-            raise ValueError(f"era must be one of {ERAS}. Received: era={self.era!r}")
+            raise UserInputError(f"era must be one of {ERAS}. Received: era={self.era!r}")
         if self.oov not in OOV_POLICIES:
-            raise ValueError(f"oov must be one of {OOV_POLICIES}. Received: oov={self.oov!r}")
+            raise UserInputError(f"oov must be one of {OOV_POLICIES}. Received: oov={self.oov!r}")
         if self.compression not in COMPRESSIONS:
-            raise ValueError(f"compression must be one of {COMPRESSIONS}: {self.compression!r}")
+            raise UserInputError(f"compression must be one of {COMPRESSIONS}: {self.compression!r}")
         if self.shards < 0:
-            raise ValueError(f"shards must be >= 0 (0: the runner decides): {self.shards}")
+            raise UserInputError(f"shards must be >= 0 (0: the runner decides): {self.shards}")
         if any(not 0.5 <= r <= 2.0 for r in self.speed_perturb):
-            raise ValueError(f"speed perturbation rates must lie in [0.5, 2]: {self.speed_perturb}")
+            raise UserInputError(
+                f"speed perturbation rates must lie in [0.5, 2]: {self.speed_perturb}"
+            )
         rate = self.featurizer.sample_rate
         if any(not 2000 <= r < rate for r in self.narrowband):
-            raise ValueError(
+            raise UserInputError(
                 f"--narrowband sample rates must lie in [2000, {rate}) Hz: {self.narrowband}"
             )
         if self.max_duration is not None and self.max_duration <= 0:
-            raise ValueError(f"max_duration must be positive: {self.max_duration}")
+            raise UserInputError(f"max_duration must be positive: {self.max_duration}")
 
     @property
     def featurizer(self) -> FeaturizerConfig:
@@ -266,7 +269,7 @@ def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
     if options.view_as(DirectOptions).direct_running_mode == "multi_threading":
         # Measured with Beam 2.77 on this job: 2 threads wrote 915-917 of 920 records to fixed
         # shards while every counter said 920; in_memory and multi_processing wrote all 920.
-        raise ValueError(
+        raise UserInputError(
             "--direct_running_mode=multi_threading loses records in Beam's local runner when "
             "writing sharded TFRecords; use --direct_running_mode=multi_processing (or "
             "in_memory, the default)."
@@ -294,12 +297,12 @@ def run_job(config: FeatureJobConfig, beam_args: Sequence[str] = ()) -> dict:
     if not _is_remote(out):
         out = config.output_dir = os.path.abspath(out)
         if os.path.exists(out) and not os.path.isdir(out):
-            raise ValueError(f"Output path exists and is not a folder: {out}")
+            raise UserInputError(f"Output path exists and is not a folder: {out}")
     for manifest in config.manifests:
         if not _is_remote(manifest) and not os.path.exists(manifest):
             raise FileNotFoundError(f"Manifest not found: {manifest}")
     if _non_empty(out) and not config.overwrite:
-        raise ValueError(
+        raise UserInputError(
             f"Output folder {out} is not empty; choose another --out or pass --overwrite."
         )
     options = pipeline_options(beam_args)
@@ -358,7 +361,7 @@ def _parse_list(text: str | None, kind, flag: str, example: str) -> tuple:
     try:
         return tuple(kind(r) for r in text.split(",") if r.strip())
     except ValueError as e:
-        raise ValueError(f"{flag} takes comma-separated {example}: {text!r}") from e
+        raise UserInputError(f"{flag} takes comma-separated {example}: {text!r}") from e
 
 
 def parse_rates(text: str | None) -> tuple[float, ...]:

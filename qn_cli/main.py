@@ -14,9 +14,10 @@ import pkgutil
 import sys
 
 import qn_cli.commands
+from qn_keras.errors import UserInputError
 
 
-class UserError(Exception):
+class UserError(UserInputError):
     """An error caused by the user's input; printed as one line, exit status 2."""
 
 
@@ -39,13 +40,19 @@ def main(argv=None) -> int:
     if extra and not getattr(args, "accepts_extra_args", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra_args = extra
+    return run_command(args.command, args.func, args)
+
+
+def run_command(name: str, func, args) -> int:
+    """Runs a subcommand: the user's mistakes (:class:`UserInputError`, missing or existing
+    files) are one line and exit status 2; anything else is a bug and keeps its traceback."""
     try:
-        result = args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"qn {args.command}: error: {e}", file=sys.stderr)
+        result = func(args)
+    except (UserInputError, FileNotFoundError, FileExistsError) as e:
+        print(f"qn {name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"qn {args.command}: interrupted", file=sys.stderr)
+        print(f"qn {name}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
 

@@ -16,6 +16,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from qn_keras.errors import UserInputError
+
 REASONS = (
     "missing_file",
     "unreadable_audio",
@@ -28,7 +30,7 @@ REASONS = (
 )
 
 
-class AudioError(ValueError):
+class AudioError(UserInputError):
     """Audio that cannot be used, with a ``reason`` from :data:`REASONS`."""
 
     def __init__(self, reason: str, message: str):

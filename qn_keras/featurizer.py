@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras.choices import ERAS
+from qn_keras.errors import UserInputError
 
 LOG_ZERO_GUARD = 2.0**-24
 NORM_EPSILON = 1e-5
@@ -43,9 +44,9 @@ class FeaturizerConfig:
 
     def __post_init__(self):
         if self.era not in ERAS:
-            raise ValueError(f"Unknown front-end era {self.era!r}; expected one of {ERAS}.")
+            raise UserInputError(f"Unknown front-end era {self.era!r}; expected one of {ERAS}.")
         if self.win_length > self.n_fft:
-            raise ValueError(
+            raise UserInputError(
                 f"window_size*sample_rate ({self.win_length}) must not exceed n_fft ({self.n_fft})."
             )
 
@@ -339,16 +340,16 @@ class CompiledFeaturizer:
     def __call__(self, waveform: np.ndarray) -> np.ndarray:
         waveform = np.asarray(waveform, dtype=np.float32)
         if waveform.ndim != 1:
-            raise ValueError(f"Expected a 1-D mono waveform; received shape {waveform.shape}.")
+            raise UserInputError(f"Expected a 1-D mono waveform; received shape {waveform.shape}.")
         check_audio_length(len(waveform), self.config)
         return self._function(tf.constant(waveform)).numpy()
 
 
 def check_audio_length(num_samples: int, config: FeaturizerConfig) -> None:
     if num_samples == 0:
-        raise ValueError("Audio is empty (0 samples).")
+        raise UserInputError("Audio is empty (0 samples).")
     if num_samples < config.min_samples:
-        raise ValueError(
+        raise UserInputError(
             f"Audio has {num_samples} samples, fewer than the {config.min_samples} "
             f"({config.min_samples / config.sample_rate * 1000:.0f} ms) needed for two feature "
             f"frames in the {config.era!r} front end"

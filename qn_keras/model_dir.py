@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras import files
+from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 from qn_keras.inference import save_serving_model
 from qn_keras.tokenizer import CharTokenizer
@@ -111,7 +112,7 @@ def required_modules(metadata: dict) -> list[str]:
         modules = ["qn_keras.optimization"]
     bad = [m for m in modules if not str(m).startswith("qn_keras.")]
     if bad:
-        raise ValueError(f"The model folder requires modules outside qn_keras: {bad}")
+        raise UserInputError(f"The model folder requires modules outside qn_keras: {bad}")
     return modules
 
 
@@ -121,13 +122,13 @@ def load_model_dir(path, compile: bool = False) -> ModelBundle:
     if not path.is_dir():
         raise FileNotFoundError(f"Model folder not found: {path}")
     if not is_model_dir(path):
-        raise ValueError(
+        raise UserInputError(
             f"{path} is not a qn-keras model folder (needs {KERAS_FILE} and {META_FILE}); "
             "make one with `qn train` or `qn import-nemo`."
         )
     meta = json.loads((path / META_FILE).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path / META_FILE} is not a {FORMAT} file.")
+        raise UserInputError(f"{path / META_FILE} is not a {FORMAT} file.")
     import qn_keras.quartznet_ctc  # noqa: F401  (registers the custom layers before deserializing)
 
     for module in required_modules(meta.get("metadata", {})):
@@ -137,7 +138,9 @@ def load_model_dir(path, compile: bool = False) -> ModelBundle:
     arrays = {}
     for field, filename in meta.get("featurizer_arrays", {}).items():
         if FEATURIZER_ARRAYS.get(field) != filename or not (path / filename).is_file():
-            raise ValueError(f"{path / META_FILE} names a missing featurizer array {filename!r}.")
+            raise UserInputError(
+                f"{path / META_FILE} names a missing featurizer array {filename!r}."
+            )
         arrays[field] = np.load(path / filename)
     return ModelBundle(
         model=model,

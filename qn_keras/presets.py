@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 
+from qn_keras.errors import UserInputError
+
 # (filters, kernel) of QuartzNet's five B-block groups B1..B5.
 _QUARTZNET_B = [(256, 33), (256, 39), (512, 51), (512, 63), (512, 75)]
 
@@ -82,7 +84,9 @@ PRESETS = {
 def preset_kwargs(name: str) -> dict:
     """A deep copy of a preset's kwargs; ValueError naming the known presets otherwise."""
     if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}. Known presets: {', '.join(sorted(PRESETS))}.")
+        raise UserInputError(
+            f"Unknown preset {name!r}. Known presets: {', '.join(sorted(PRESETS))}."
+        )
     return copy.deepcopy(PRESETS[name])
 
 
@@ -109,12 +113,12 @@ def resolve_architecture(preset: str | None, overrides: dict) -> dict:
     kwargs.update(overrides)
     unknown = sorted(set(kwargs) - set(STACKWISE_ARGS) - set(MODEL_ARGS))
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"unknown model argument(s) {unknown}. Known: {sorted(STACKWISE_ARGS + MODEL_ARGS)}"
         )
     stackwise = {k: v for k, v in kwargs.items() if k in STACKWISE_ARGS}
     if not stackwise.get("stackwise_filters") or not stackwise.get("stackwise_kernel_sizes"):
-        raise ValueError("blocks need at least stackwise_filters and stackwise_kernel_sizes.")
+        raise UserInputError("blocks need at least stackwise_filters and stackwise_kernel_sizes.")
     blocks = normalize_block_lists(**stackwise)
     others = {k: v for k, v in kwargs.items() if k in MODEL_ARGS}
     others.setdefault("name", preset or "quartznet")

@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from qn_keras.errors import UserInputError
+
 MODES = ("float32", "float16", "dynamic", "int8", "qat")
 ENGINES = ("xnnpack", "builtin")
 
 
 def _configure(converter, mode: str, representative=None):
     if mode not in MODES:
-        raise ValueError(f"Unknown TFLite mode {mode!r}. Known: {', '.join(MODES)}.")
+        raise UserInputError(f"Unknown TFLite mode {mode!r}. Known: {', '.join(MODES)}.")
     if mode == "float32":
         return converter
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -33,7 +35,7 @@ def _configure(converter, mode: str, representative=None):
     elif mode == "int8":
         samples = [np.asarray(x, np.float32) for x in (representative or [])]
         if not samples:
-            raise ValueError("int8 post-training quantization needs representative inputs.")
+            raise UserInputError("int8 post-training quantization needs representative inputs.")
 
         def dataset():
             for x in samples:
@@ -60,7 +62,7 @@ def convert_function(concrete_function, trackable, mode: str, representative=Non
 def interpreter(model_path_or_bytes, num_threads: int | None = None, engine: str = "xnnpack"):
     """A ``tf.lite.Interpreter`` over a file or flatbuffer bytes, with the chosen kernels."""
     if engine not in ENGINES:
-        raise ValueError(f"Unknown TFLite engine {engine!r}; choose from {', '.join(ENGINES)}.")
+        raise UserInputError(f"Unknown TFLite engine {engine!r}; choose from {', '.join(ENGINES)}.")
     kwargs = {"num_threads": num_threads}
     if engine == "builtin":
         # TFLite's own kernels, without the XNNPACK delegate it applies by default.

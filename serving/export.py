@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras import files
+from qn_keras.errors import UserInputError
 from qn_keras.inference import SpeechRecognizer
 from serving.layout import (  # noqa: F401  (re-exported: the export's names)
     METADATA_FILE,
@@ -146,7 +147,7 @@ def check_stock_ops(path) -> None:
     """Raises ValueError naming every op of the SavedModel that is not in :data:`STOCK_OPS`."""
     unknown = sorted(saved_model_ops(path) - STOCK_OPS)
     if unknown:
-        raise ValueError(
+        raise UserInputError(
             f"The SavedModel at {path} uses ops outside stock TensorFlow's allowlist: "
             f"{', '.join(unknown)}. Stock TF Serving may lack kernels for them (ops from "
             "tensorflow-io or tensorflow-addons); replace them with core TensorFlow ops."
@@ -230,7 +231,7 @@ def models_config_text(name: str, container_base: str = "/models") -> str:
 
 def _check_name(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
-        raise ValueError(
+        raise UserInputError(
             f"Model name {name!r} must start with a letter or digit and contain only letters, "
             "digits, '_', '.' and '-' (it becomes a folder and a URL path segment)."
         )
@@ -257,13 +258,13 @@ def export_model(
 
     unknown = [m for m in tflite_modes if m not in MODES]
     if unknown:
-        raise ValueError(f"Unknown TFLite mode(s) {unknown}; choose from {', '.join(MODES)}.")
+        raise UserInputError(f"Unknown TFLite mode(s) {unknown}; choose from {', '.join(MODES)}.")
     model_base = Path(export_base) / name
     model_base.mkdir(parents=True, exist_ok=True)
     if version is None:
         version = (existing_versions(model_base) or [0])[-1] + 1
     if int(version) < 1:
-        raise ValueError(f"--version must be a positive integer. Received: {version}")
+        raise UserInputError(f"--version must be a positive integer. Received: {version}")
     target = model_base / str(int(version))
     if target.exists():
         raise FileExistsError(

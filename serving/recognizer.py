@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeaturizerConfig
 from qn_keras.inference import SpeechRecognizer
 from qn_keras.model_dir import is_model_dir, load_model_dir
@@ -68,7 +69,7 @@ def _from_export(version_dir: Path) -> Recognizer:
 
     meta = read_export_metadata(version_dir)
     if meta is None:
-        raise ValueError(
+        raise UserInputError(
             f"{version_dir} has a saved_model.pb but no assets.extra/{METADATA_FILE}; "
             "it was not written by `qn export`."
         )
@@ -101,7 +102,7 @@ def load_recognizer(path) -> Recognizer:
         return _from_export(path)
     if existing_versions(path):
         return _from_export(latest_version_dir(path))
-    raise ValueError(
+    raise UserInputError(
         f"{path} is neither a model folder (model.keras + qn_model.json, from `qn train` or "
         "`qn import-nemo`) nor an exported model (BASE/NAME or BASE/NAME/VERSION from "
         "`qn export`)."

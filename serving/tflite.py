@@ -28,6 +28,7 @@ from qn_keras import files
 from qn_keras import tflite as lite
 from qn_keras.audio import AudioError, check_waveform
 from qn_keras.choices import EXPORT_TFLITE_MODES
+from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 
 MODES = EXPORT_TFLITE_MODES
@@ -88,7 +89,7 @@ def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
     modes = list(modes)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
-        raise ValueError(f"Unknown TFLite mode(s) {unknown}; choose from {', '.join(MODES)}.")
+        raise UserInputError(f"Unknown TFLite mode(s) {unknown}; choose from {', '.join(MODES)}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = WaveformToLogprobs(bundle)

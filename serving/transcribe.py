@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from qn_keras.audio import AudioError, ResampledReader, check_waveform, decode_audio, pad_batch
 from qn_keras.decoding import beam_decode_ids, greedy_decode_ids
+from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeatureStatistics
 from qn_keras.inference import refusal_message
 from serving.recognizer import Recognizer
@@ -78,11 +79,11 @@ class TranscribeOptions:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1. Received: {self.batch_size}")
+            raise UserInputError(f"batch_size must be >= 1. Received: {self.batch_size}")
         if self.beam_width < 1:
-            raise ValueError(f"beam_width must be >= 1. Received: {self.beam_width}")
+            raise UserInputError(f"beam_width must be >= 1. Received: {self.beam_width}")
         if self.chunk_seconds <= 0 or self.context_seconds < 0:
-            raise ValueError(
+            raise UserInputError(
                 "chunk_seconds must be > 0 and context_seconds >= 0. Received: "
                 f"chunk_seconds={self.chunk_seconds}, context_seconds={self.context_seconds}"
             )
@@ -147,7 +148,9 @@ def collect_inputs(inputs: Sequence[str | Path]) -> list[AudioItem]:
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS
             )
             if not found:
-                raise ValueError(f"No audio files ({', '.join(AUDIO_EXTENSIONS)}) under {path}.")
+                raise UserInputError(
+                    f"No audio files ({', '.join(AUDIO_EXTENSIONS)}) under {path}."
+                )
             items.extend(AudioItem(p) for p in found)
         elif path.suffix.lower() in MANIFEST_EXTENSIONS and path.is_file():
             items.extend(_read_manifest(path))
@@ -213,7 +216,7 @@ def ctc_forced_align(logprobs: np.ndarray, ids: Sequence[int], blank_id: int) ->
     states = np.asarray(states)
     num_states = len(states)
     if num_states * num_frames > 200_000_000:
-        raise ValueError(
+        raise UserInputError(
             f"Aligning {len(ids)} characters to {num_frames} frames for word timestamps after "
             "beam search needs too much memory; use greedy decoding (--beam 1) for timestamps "
             "of files this long."

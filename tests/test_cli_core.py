@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from qn_cli.main import main
 
 
@@ -41,3 +43,21 @@ def test_info_json_lists_the_stack(capsys):
     assert info["versions"]["tensorflow-model-optimization"] == "0.7.5"
     assert info["tf_keras_version"] == "2.15.0 (keras)"
     assert any(d["type"] == "CPU" for d in info["devices"])
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from qn_cli.main import run_command
+    from qn_keras.errors import UserInputError
+    from qn_keras.training.config import ConfigError
+
+    def fails_with(error):
+        def command(args):
+            raise error
+
+        return command
+
+    assert run_command("x", fails_with(UserInputError("--flag must be > 0")), None) == 2
+    assert capsys.readouterr().err == "qn x: error: --flag must be > 0\n"
+    assert run_command("x", fails_with(ConfigError("model: unknown argument")), None) == 2
+    with pytest.raises(ValueError, match="internal"):  # a bug: not swallowed into one line
+        run_command("x", fails_with(ValueError("internal")), None)

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 
 import tensorflow as tf
 
+from qn_keras.errors import UserInputError
+
 DATASET_INFO = "dataset_info.json"
 HISTOGRAM_BIN_FRAMES = 50
 
@@ -61,7 +63,7 @@ class DatasetInfo:
     def from_dict(cls, info: dict, where: str = DATASET_INFO) -> DatasetInfo:
         missing = [k for k in ("shards", "num_utterances", "hours") if k not in info]
         if missing:
-            raise ValueError(
+            raise UserInputError(
                 f"{where} lacks {missing}: not written by `qn features` (or by an older "
                 "version); featurize the data again."
             )

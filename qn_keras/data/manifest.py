@@ -27,6 +27,8 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from qn_keras.errors import UserInputError
+
 BAD_MANIFEST_LINE = "bad_manifest_line"
 
 PATH_COLUMNS = ("audio_filepath", "path", "audio", "file", "filename", "wav", "audio_path")
@@ -128,10 +130,10 @@ def _optional_seconds(record: dict, key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError(f"{key!r} must be a number of seconds, got {value!r}")
+        raise UserInputError(f"{key!r} must be a number of seconds, got {value!r}")
     seconds = float(value)
     if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{key!r} must be a finite, non-negative number, got {value!r}")
+        raise UserInputError(f"{key!r} must be a finite, non-negative number, got {value!r}")
     return seconds
 
 
@@ -147,13 +149,13 @@ def parse_nemo_lines(
         try:
             record = json.loads(line)
             if not isinstance(record, dict):
-                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+                raise UserInputError(f"expected a JSON object, got {type(record).__name__}")
             audio = record.get("audio_filepath")
             if not isinstance(audio, str) or not audio:
-                raise ValueError("missing or empty 'audio_filepath'")
+                raise UserInputError("missing or empty 'audio_filepath'")
             text = record.get("text", "")
             if not isinstance(text, str):
-                raise ValueError(f"'text' must be a string, got {text!r}")
+                raise UserInputError(f"'text' must be a string, got {text!r}")
             offset = _optional_seconds(record, "offset") or 0.0
             duration = _optional_seconds(record, "duration")
         except ValueError as e:  # json.JSONDecodeError is a ValueError too
@@ -199,12 +201,12 @@ def _pick_column(header: list[str], wanted: str | None, candidates: tuple, what:
     lowered = [h.strip().lower() for h in header]
     if wanted is not None:
         if wanted.lower() not in lowered:
-            raise ValueError(f"no {what} column {wanted!r}; the header has {header}")
+            raise UserInputError(f"no {what} column {wanted!r}; the header has {header}")
         return lowered.index(wanted.lower())
     for name in candidates:
         if name in lowered:
             return lowered.index(name)
-    raise ValueError(f"no {what} column (one of {list(candidates)}); the header has {header}")
+    raise UserInputError(f"no {what} column (one of {list(candidates)}); the header has {header}")
 
 
 def parse_csv_lines(
@@ -332,6 +334,6 @@ def load_utterances(paths) -> list[Utterance]:
     for path in paths:
         for item in read_utterances(path):
             if isinstance(item, ManifestFailure):
-                raise ValueError(item.message)
+                raise UserInputError(item.message)
             utterances.append(item)
     return utterances

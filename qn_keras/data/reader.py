@@ -34,6 +34,7 @@ from qn_keras.data import schema, validation
 from qn_keras.data.dataset_info import DATASET_INFO, length_histogram, read_dataset_info
 from qn_keras.data.manifest import ManifestFailure, read_utterances
 from qn_keras.data.text import OOV_POLICIES, TranscriptError, tokenize_transcript
+from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
 
 logger = logging.getLogger(__name__)
@@ -107,12 +108,12 @@ def _checked(record: dict, source, bad_records: str) -> dict:
 
 def _check_policy(bad_records: str, with_metadata: bool) -> None:
     if bad_records not in validation.BAD_RECORD_POLICIES:
-        raise ValueError(
+        raise UserInputError(
             f"bad_records must be one of {validation.BAD_RECORD_POLICIES}. "
             f"Received: {bad_records!r}"
         )
     if bad_records == "keep" and not with_metadata:
-        raise ValueError("bad_records='keep' needs with_metadata=True (its 'problem' entry).")
+        raise UserInputError("bad_records='keep' needs with_metadata=True (its 'problem' entry).")
 
 
 def _as_training_tuple(record: dict, with_metadata: bool):
@@ -235,7 +236,7 @@ def tfrecord_dataset(
         seed = 0
     if isinstance(bucket_boundaries, str):
         if bucket_boundaries != _AUTO:
-            raise ValueError(
+            raise UserInputError(
                 f"bucket_boundaries must be 'auto', a list or None: {bucket_boundaries}"
             )
         histogram = (info or {}).get("length_histogram")
@@ -355,7 +356,7 @@ def manifest_dataset(
         the manifests' declared durations.
     """
     if oov not in OOV_POLICIES:
-        raise ValueError(f"oov must be one of {OOV_POLICIES}. Received: oov={oov!r}")
+        raise UserInputError(f"oov must be one of {OOV_POLICIES}. Received: oov={oov!r}")
     _check_policy(bad_records, with_metadata)
     config = featurizer_config or FeaturizerConfig()
     if isinstance(manifest_paths, str | os.PathLike):
@@ -368,12 +369,12 @@ def manifest_dataset(
             else:
                 utterances.append(item)
     if not utterances:
-        raise ValueError(f"No usable utterances in {list(map(str, manifest_paths))}")
+        raise UserInputError(f"No usable utterances in {list(map(str, manifest_paths))}")
     if deterministic and seed is None:
         seed = 0
     if isinstance(bucket_boundaries, str):
         if bucket_boundaries != _AUTO:
-            raise ValueError(
+            raise UserInputError(
                 f"bucket_boundaries must be 'auto', a list or None: {bucket_boundaries}"
             )
         durations = [u.duration for u in utterances if u.duration is not None]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import unicodedata
 
 from qn_keras.choices import OOV_POLICIES
+from qn_keras.errors import UserInputError
 
 OOV_TRANSCRIPT = "oov_transcript"
 
 
-class TranscriptError(ValueError):
+class TranscriptError(UserInputError):
     """A transcript that cannot be used, with a machine-readable ``reason``."""
 
     def __init__(self, reason: str, message: str):

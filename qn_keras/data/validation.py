@@ -28,11 +28,13 @@ import re
 
 import tensorflow as tf
 
+from qn_keras.errors import UserInputError
+
 CORRUPT_RECORD = "qn-corrupt-record"
 BAD_RECORD_POLICIES = ("raise", "keep")
 
 
-class CorruptRecordError(ValueError):
+class CorruptRecordError(UserInputError):
     """A record (utterance) cannot be used; the message names it, its file and the problem."""
 
 

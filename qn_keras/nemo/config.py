@@ -13,12 +13,13 @@ import dataclasses
 import math
 import re
 
+from qn_keras.errors import UserInputError
 from qn_keras.quartznet_backbone import STACKWISE_ARGS
 
 LOG_ZERO_GUARD = 2.0**-24
 
 
-class NemoImportError(ValueError):
+class NemoImportError(UserInputError):
     """A ``.nemo`` file that cannot be imported; the message names the problem."""
 
 

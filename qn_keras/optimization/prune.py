@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
+from qn_keras.errors import UserInputError
 from qn_keras.optimization.graph import as_functional
 
 sparsity = tfmot.sparsity.keras
@@ -44,19 +45,21 @@ class PruneSchedule:
 
     def validate(self) -> PruneSchedule:
         if not 0.0 < self.target_sparsity < 1.0:
-            raise ValueError(f"target sparsity must be in (0, 1). Received: {self.target_sparsity}")
+            raise UserInputError(
+                f"target sparsity must be in (0, 1). Received: {self.target_sparsity}"
+            )
         if not 0.0 <= self.initial_sparsity <= self.target_sparsity:
-            raise ValueError(
+            raise UserInputError(
                 "initial sparsity must be in [0, target sparsity]. "
                 f"Received: {self.initial_sparsity}"
             )
         if self.begin_step < 0 or self.end_step <= self.begin_step:
-            raise ValueError(
+            raise UserInputError(
                 "pruning needs 0 <= begin_step < end_step. "
                 f"Received: begin_step={self.begin_step}, end_step={self.end_step}"
             )
         if self.frequency < 1:
-            raise ValueError(f"pruning frequency must be >= 1. Received: {self.frequency}")
+            raise UserInputError(f"pruning frequency must be >= 1. Received: {self.frequency}")
         return self
 
     def tfmot_schedule(self):
@@ -109,7 +112,7 @@ def _wrapped_name(model, name):
             return candidate
         except ValueError:
             continue
-    raise ValueError(f"{model.name} has no layer {name!r}.")
+    raise UserInputError(f"{model.name} has no layer {name!r}.")
 
 
 def _set_inner_weights(layer, weights):
@@ -189,7 +192,7 @@ def gzip_size(path) -> int:
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     if not files:
-        raise ValueError(f"gzip_size: nothing to compress at {path}")
+        raise UserInputError(f"gzip_size: nothing to compress at {path}")
     buffer = io.BytesIO()
     with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9, mtime=0) as gz:
         for f in files:

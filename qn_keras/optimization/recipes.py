@@ -13,6 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from qn_keras.errors import UserInputError
 from qn_keras.model_dir import ModelBundle, load_model_dir, save_model_dir
 from qn_keras.optimization import prune as prune_lib
 from qn_keras.optimization import tflite as tflite_lib
@@ -36,7 +37,7 @@ def finetune_config(config=None, *, steps: int, learning_rate: float | None = No
     from qn_keras.training.config import TrainConfig, load_config
 
     if steps < 1:
-        raise ValueError(f"--steps must be >= 1. Received: {steps}")
+        raise UserInputError(f"--steps must be >= 1. Received: {steps}")
     if config is None:
         base = TrainConfig()
         learning_rate = learning_rate or FINETUNE_LEARNING_RATE
@@ -60,7 +61,7 @@ def load_float_bundle(model_dir) -> ModelBundle:
     bundle = load_model_dir(model_dir)
     info = bundle.metadata.get(OPTIMIZATION_KEY, {})
     if info.get("kind") == "qat" or "stackwise_filters" not in bundle.model.get_config():
-        raise ValueError(
+        raise UserInputError(
             f"{model_dir} holds a quantized model; start from a float model folder (trained, "
             "imported with `qn import-nemo`, or pruned with `qn optimize prune`)."
         )
@@ -261,16 +262,20 @@ def run_ptq(
     stores float16 weights; ``float32`` is the float baseline; ``dynamic`` int8 weights only.
     """
     if mode not in PTQ_PRECISIONS:
-        raise ValueError(f"--mode must be one of {', '.join(PTQ_PRECISIONS)}. Received: {mode!r}")
+        raise UserInputError(
+            f"--mode must be one of {', '.join(PTQ_PRECISIONS)}. Received: {mode!r}"
+        )
     bundle = load_float_bundle(model_dir)
     out_dir = Path(out_dir)
     source_info = bundle.metadata.get(OPTIMIZATION_KEY, {})
     representative = None
     if mode == "int8":
         if representative_data is None:
-            raise ValueError("int8 post-training quantization needs --train (representative data).")
+            raise UserInputError(
+                "int8 post-training quantization needs --train (representative data)."
+            )
         if samples < 1:
-            raise ValueError(f"--samples must be >= 1. Received: {samples}")
+            raise UserInputError(f"--samples must be >= 1. Received: {samples}")
         utts = load_features(representative_data, bundle, out_dir / "cache", limit=samples)
         representative = [u.features for u in utts]
     blob = tflite_lib.convert(
@@ -313,7 +318,7 @@ def resolve_model_dir(path) -> Path:
         return path / MODEL_SUBDIR
     if is_model_dir(path):
         return path
-    raise ValueError(
+    raise UserInputError(
         f"{path} is not a model folder or the output of a `qn optimize` command "
         f"(expected {path / MODEL_SUBDIR}/qn_model.json)."
     )

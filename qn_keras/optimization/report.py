@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from qn_keras import files
+from qn_keras.errors import UserInputError
 from qn_keras.model_dir import load_model_dir
 from qn_keras.optimization import costs, prune, tflite
 from qn_keras.optimization.evaluate import (
@@ -60,7 +61,7 @@ COLUMNS = (
 def precision_of(info: dict) -> costs.Precision:
     name = info.get("precision", "float32")
     if name not in costs.PRECISIONS:
-        raise ValueError(f"Unknown precision {name!r} in the model's optimization metadata.")
+        raise UserInputError(f"Unknown precision {name!r} in the model's optimization metadata.")
     if name == "int8" and info.get("edge_weight_bits"):
         return costs.Precision(info.get("weight_bits", 8), 8, info["edge_weight_bits"])
     if name == "int4":
@@ -73,7 +74,7 @@ def _float_architecture(bundle, info):
 
     config = info.get("architecture") or bundle.model.get_config()
     if "stackwise_filters" not in config:
-        raise ValueError("The model folder records no QuartzNet architecture.")
+        raise UserInputError("The model folder records no QuartzNet architecture.")
     return QuartzNetCTC.from_config(dict(config))
 
 
@@ -106,7 +107,9 @@ def evaluate_configuration(
     tflite_path = model_dir / TFLITE_FILE
     if not tflite_path.is_file():
         if info.get("kind") != "float":
-            raise ValueError(f"{model_dir} has no {TFLITE_FILE}; run its `qn optimize` job again.")
+            raise UserInputError(
+                f"{model_dir} has no {TFLITE_FILE}; run its `qn optimize` job again."
+            )
         with tempfile.TemporaryDirectory(prefix="qn-report-") as tmp:
             blob = tflite.convert(bundle.model, "float32", num_features=_num_features(bundle))
             path = tflite.write_tflite(Path(tmp) / TFLITE_FILE, blob)
@@ -296,7 +299,7 @@ def run_report(
     progress: bool = True,
 ) -> dict:
     if not configs:
-        raise ValueError("--configs needs at least one model folder.")
+        raise UserInputError("--configs needs at least one model folder.")
     if not Path(manifest).exists():
         raise FileNotFoundError(f"Manifest not found: {manifest}")
     cache: dict = {"_dir": Path(out_dir) / "cache"}

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from qn_keras import files
 from qn_keras import tflite as lite
+from qn_keras.errors import UserInputError
 from qn_keras.optimization.export_graph import export_graph
 
 MODES = lite.MODES
@@ -63,9 +64,9 @@ def convert(
             feature arrays from the training data.
     """
     if mode not in MODES:
-        raise ValueError(f"Unknown TFLite mode {mode!r}. Known: {', '.join(MODES)}.")
+        raise UserInputError(f"Unknown TFLite mode {mode!r}. Known: {', '.join(MODES)}.")
     if mode == "int8" and representative_features is None:
-        raise ValueError("int8 post-training quantization needs representative_features.")
+        raise UserInputError("int8 post-training quantization needs representative_features.")
     fn, graph = serving_function(model, num_features)
     return lite.convert_function(fn, graph, mode, representative_features)
 
@@ -211,7 +212,7 @@ def audio_seconds_per_second(
     """Seconds of audio (from feature frames) processed per wall-clock second, after warm-up;
     the best of ``repeat`` passes (on a shared machine the least disturbed one)."""
     if not features:
-        raise ValueError("audio_seconds_per_second needs at least one utterance.")
+        raise UserInputError("audio_seconds_per_second needs at least one utterance.")
     runner(features[0])
     audio = sum(len(f) for f in features) / frames_per_second
     best = 0.0

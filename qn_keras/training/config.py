@@ -26,12 +26,14 @@ from pathlib import Path
 
 import yaml
 
+from qn_keras.errors import UserInputError
+
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("novograd", "adam")
 SCHEDULES = ("cosine", "constant")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """A training config that cannot be used; the message names the key and what to change."""
 
 

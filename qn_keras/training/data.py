@@ -28,6 +28,7 @@ from qn_keras.data import reader, schema
 from qn_keras.data.dataset_info import DATASET_INFO, DatasetInfo, length_histogram
 from qn_keras.data.manifest import Failure, read_utterances
 from qn_keras.data.records import to_tf_example, utterance_records
+from qn_keras.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
@@ -97,7 +98,7 @@ class DataSource:
     def check_compatible(self, tokenizer, featurizer) -> None:
         """ValueError if the shards were made with another vocabulary or front end."""
         if self.labels is not None and list(self.labels) != list(tokenizer.labels):
-            raise ValueError(
+            raise UserInputError(
                 f"{self.description}: its token ids use the vocabulary {self.labels!r}, but the "
                 f"model uses {list(tokenizer.labels)!r}. Featurize again with the model's labels "
                 "or set `labels:` in the config."
@@ -111,7 +112,7 @@ class DataSource:
             }
             if diff:
                 detail = ", ".join(f"{k}: data {a!r} vs model {b!r}" for k, (a, b) in diff.items())
-                raise ValueError(
+                raise UserInputError(
                     f"{self.description}: features were computed with other front-end settings "
                     f"({detail}). Featurize again (`qn features --era ...`) or change "
                     "`featurizer:` in the config."
@@ -146,7 +147,7 @@ def from_tfrecords(path) -> DataSource:
         count, hours, histogram = _scan(files, compression)
         featurizer = labels = None
     if count == 0:
-        raise ValueError(f"{path} holds no utterances.")
+        raise UserInputError(f"{path} holds no utterances.")
     return DataSource(
         path=os.fspath(path) if not isinstance(path, list | tuple) else list(path),
         num_utterances=int(count),
@@ -203,7 +204,7 @@ def featurize_manifest(
         )
         files.write_json(info_path, info)
     if info["num_utterances"] == 0:
-        raise ValueError(f"No usable utterances in {manifest}.")
+        raise UserInputError(f"No usable utterances in {manifest}.")
     return DataSource(
         path=str(target),
         num_utterances=info["num_utterances"],

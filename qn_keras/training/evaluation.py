@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from qn_keras.data import schema
 from qn_keras.decoding import greedy_decode_batch
+from qn_keras.errors import UserInputError
 from qn_keras.metrics import char_errors, word_errors
 from qn_keras.training.losses import ctc_per_utterance
 
@@ -65,7 +66,7 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
     step = step or make_eval_step(model)
     blank = model.output_shape[0][-1] - 1 if hasattr(model, "output_shape") else tokenizer.blank_id
     if blank != tokenizer.blank_id:
-        raise ValueError(
+        raise UserInputError(
             f"The model has {blank + 1} output classes but the tokenizer "
             f"{tokenizer.vocabulary_size}; they must agree (labels + blank)."
         )
@@ -126,9 +127,9 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
             progress.update(len(refs))
     if count == 0:
         detail = f" ({len(rejected)} utterances rejected as unusable)" if rejected else ""
-        raise ValueError(f"Evaluation data is empty{detail}.")
+        raise UserInputError(f"Evaluation data is empty{detail}.")
     if word_total == 0:
-        raise ValueError("Every reference transcript is empty; WER is undefined.")
+        raise UserInputError("Every reference transcript is empty; WER is undefined.")
     return EvaluationResult(
         loss=total_loss / count,
         wer=word_err / word_total,

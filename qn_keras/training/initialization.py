@@ -9,6 +9,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from qn_keras.errors import UserInputError
 from qn_keras.model_dir import is_model_dir, load_model_dir
 from qn_keras.training.run_files import CHECKPOINT_DIR, RUN_FILE
 
@@ -74,7 +75,7 @@ def load_initialization(path) -> Initialization:
         None,
     )
     if checkpoint is None or run_file is None:
-        raise ValueError(
+        raise UserInputError(
             f"--init {path} is neither a model folder (model.keras + qn_model.json) nor a "
             f"training run (a {CHECKPOINT_DIR}/ folder and {RUN_FILE})."
         )
@@ -98,12 +99,12 @@ def copy_weights(source: tf.keras.Model, target: tf.keras.Model, skip=()) -> lis
         try:
             src = source.get_layer(layer.name)
         except ValueError:
-            raise ValueError(f"The initial model has no layer {layer.name!r}.") from None
+            raise UserInputError(f"The initial model has no layer {layer.name!r}.") from None
         weights = src.get_weights()
         shapes = [w.shape for w in weights]
         wanted = [tuple(w.shape) for w in layer.weights]
         if [tuple(s) for s in shapes] != wanted:
-            raise ValueError(
+            raise UserInputError(
                 f"Layer {layer.name!r}: initial weights have shapes {shapes}, the model needs "
                 f"{wanted}."
             )

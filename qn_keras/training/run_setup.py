@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras import files
+from qn_keras.errors import UserInputError
 from qn_keras.tokenizer import CharTokenizer
 from qn_keras.training.config import ConfigError, TrainConfig, architecture_from_config
 from qn_keras.training.initialization import Initialization, load_initialization
@@ -60,7 +61,7 @@ def resolve_run(config: TrainConfig, out_dir: Path, init_from, *, is_chief: bool
     resuming = tf.train.latest_checkpoint(str(checkpoint_dir)) is not None
     previous = json.loads(run_path.read_text()) if run_path.is_file() else None
     if resuming and previous is None:
-        raise ValueError(
+        raise UserInputError(
             f"{checkpoint_dir} has checkpoints but {run_path} is missing; use a new --out."
         )
     if resuming:
