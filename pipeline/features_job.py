@@ -28,7 +28,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from apache_beam.options.pipeline_options import (
 from pipeline.options import COMPRESSIONS, add_arguments
 from pipeline.stats import CountByReasonFn, DatasetStatsFn
 from pipeline.transforms import FAILED, NAMESPACE, FeaturizeUtterances, ReadManifests, to_tf_example
+from qn_keras import files
 from qn_keras.data.dataset_info import DATASET_INFO, build_dataset_info
 from qn_keras.data.schema import SCHEMA_VERSION
 from qn_keras.data.text import OOV_POLICIES
@@ -175,6 +175,7 @@ class WriteFailures(beam.PTransform):
 
 
 def _write_json_atomically(path: str, payload: dict) -> None:
+    # Through Beam's file systems (gs:// and other remote outputs), so not qn_keras.files.
     temp = f"{path}.tmp-{uuid.uuid4().hex}"
     with FileSystems.create(temp) as f:
         f.write(json.dumps(payload, indent=1, ensure_ascii=False).encode("utf-8"))
@@ -314,23 +315,11 @@ def run_job(config: FeatureJobConfig, beam_args: Sequence[str] = ()) -> dict:
         counters = _run(make_pipeline(options), config, out, beam_args)
         return {**_read_info(out), "counters": counters}
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(staging)
-    try:
-        counters = _run(make_pipeline(options), config, staging, beam_args)
-        _read_info(staging)
-        if os.path.exists(out):
-            retired = f"{staging}.old"
-            os.rename(out, retired)
-            os.rename(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # Local output: the job writes into a staging folder that replaces `out` only once the job
+    # has finished (a killed job leaves `out` as it was).
+    with files.atomic_directory(out, replace=True) as staging:
+        counters = _run(make_pipeline(options), config, str(staging), beam_args)
+        _read_info(str(staging))
     return {**_read_info(out), "counters": counters}
 
 

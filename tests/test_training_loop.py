@@ -233,21 +233,11 @@ def test_fine_tune_with_new_vocabulary_keeps_frozen_encoder(base_run, corpus, tm
 
 def test_qn_evaluate_writes_worst_first(base_run, tmp_path):
     out, _, _ = base_run
-    lines = (REPO / "sample_data" / "dev.json").read_text().splitlines()[:3]
-    entries = [json.loads(line) for line in lines]
-    for e in entries:
-        e["audio_filepath"] = str(REPO / "sample_data" / e["audio_filepath"])
+    entries = _sample_entries(3)
     manifest = tmp_path / "dev3.json"
     manifest.write_text("\n".join(json.dumps(e) for e in entries) + "\n")
     results = tmp_path / "results.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "qn_cli", "evaluate", "--model", str(out / "model")]
-        + ["--manifest", str(manifest), "--output", str(results), "--no-progress"],
-        capture_output=True,
-        text=True,
-        cwd=str(REPO),
-        timeout=300,
-    )
+    proc = _qn_evaluate(out / "model", manifest, results)
     assert proc.returncode == 0, proc.stderr
     assert "WER:" in proc.stdout and "CER:" in proc.stdout
     rows = [json.loads(line) for line in results.read_text().splitlines()]
@@ -261,12 +251,7 @@ def test_qn_evaluate_reports_unusable_utterances_instead_of_scoring_them(base_ru
     import soundfile as sf
 
     out, _, _ = base_run
-    entries = [
-        json.loads(line)
-        for line in (REPO / "sample_data" / "dev.json").read_text().splitlines()[:2]
-    ]
-    for e in entries:
-        e["audio_filepath"] = str(REPO / "sample_data" / e["audio_filepath"])
+    entries = _sample_entries(2)
     loud = tmp_path / "loud.wav"
     waveform, rate = sf.read(entries[0]["audio_filepath"], dtype="float32")
     sf.write(loud, waveform * 1e30, rate, subtype="FLOAT")  # finite samples, features overflow
@@ -274,17 +259,30 @@ def test_qn_evaluate_reports_unusable_utterances_instead_of_scoring_them(base_ru
     manifest = tmp_path / "dev3.json"
     manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
     results = tmp_path / "results.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "-m", "qn_cli", "evaluate", "--model", str(out / "model")]
-        + ["--manifest", str(manifest), "--output", str(results), "--no-progress"],
-        capture_output=True,
-        text=True,
-        cwd=str(REPO),
-        timeout=300,
-    )
+    proc = _qn_evaluate(out / "model", manifest, results)
     assert proc.returncode == 0, proc.stderr
     assert "utterances: 2" in proc.stdout and "rejected: 1" in proc.stdout
     assert "loud" in proc.stderr and "non-finite feature values" in proc.stderr
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [("error" in r) for r in rows] == [False, False, True]
     assert "hypothesis" not in rows[2] and rows[2]["reference"] == "x"
+
+
+def _sample_entries(count):
+    """The first sample_data dev manifest entries, with absolute audio paths."""
+    lines = (REPO / "sample_data" / "dev.json").read_text().splitlines()[:count]
+    entries = [json.loads(line) for line in lines]
+    for e in entries:
+        e["audio_filepath"] = str(REPO / "sample_data" / e["audio_filepath"])
+    return entries
+
+
+def _qn_evaluate(model, manifest, results):
+    return subprocess.run(
+        [sys.executable, "-m", "qn_cli", "evaluate", "--model", str(model)]
+        + ["--manifest", str(manifest), "--output", str(results), "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=str(REPO),
+        timeout=300,
+    )
