@@ -23,6 +23,13 @@ setup(
     package_data={"qn_cli": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=_requirements(),
-    extras_require={"nemo": ["torch==2.13.0"]},
+    extras_require={
+        "nemo": ["torch==2.13.0"],
+        "dask": [
+            line
+            for line in (HERE / "requirements-dask.txt").read_text().splitlines()
+            if line and not line.startswith("#")
+        ],
+    },
     entry_points={"console_scripts": ["qn=qn_cli.main:main"]},
 )

@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -255,8 +257,43 @@ def build_pipeline(
     )
 
 
+# Short runner names for runners Beam knows only by module path.
+RUNNER_ALIASES = {
+    "dask": "apache_beam.runners.dask.dask_runner.DaskRunner",
+    "daskrunner": "apache_beam.runners.dask.dask_runner.DaskRunner",
+}
+
+
+def _expand_runner(beam_args: Sequence[str]) -> list[str]:
+    args, out, i = list(beam_args), [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--runner" and i + 1 < len(args):
+            out += ["--runner", RUNNER_ALIASES.get(args[i + 1].lower(), args[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--runner="):
+            name = arg.split("=", 1)[1]
+            arg = "--runner=" + RUNNER_ALIASES.get(name.lower(), name)
+        out.append(arg)
+        i += 1
+    return out
+
+
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
-    return PipelineOptions(list(beam_args))
+    """Beam's options from the flags ``qn features`` does not know; ``--runner dask`` names
+    Beam's DaskRunner (point it at a cluster with ``--dask_client_address tcp://HOST:8786``;
+    it needs the ``dask`` extra: ``pip install 'qn-keras[dask]'``)."""
+    args = _expand_runner(beam_args)
+    if RUNNER_ALIASES["dask"] in args or f"--runner={RUNNER_ALIASES['dask']}" in args:
+        try:
+            import dask.distributed  # noqa: F401
+        except ImportError:
+            raise UserInputError(
+                "--runner dask needs dask and distributed: pip install 'qn-keras[dask]' "
+                "(or -r requirements-dask.txt)."
+            ) from None
+    return PipelineOptions(args)
 
 
 def make_pipeline(options: PipelineOptions) -> beam.Pipeline:
@@ -313,6 +350,7 @@ def run_job(config: FeatureJobConfig, beam_args: Sequence[str] = ()) -> dict:
             old = FileSystems.match([FileSystems.join(out, "*")])[0].metadata_list
             FileSystems.delete([m.path for m in old])
         counters = _run(make_pipeline(options), config, out, beam_args)
+        _remove_sink_leftovers(out)
         return {**_read_info(out), "counters": counters}
 
     # Local output: the job writes into a staging folder that replaces `out` only once the job
@@ -320,7 +358,23 @@ def run_job(config: FeatureJobConfig, beam_args: Sequence[str] = ()) -> dict:
     with files.atomic_directory(out, replace=True) as staging:
         counters = _run(make_pipeline(options), config, str(staging), beam_args)
         _read_info(str(staging))
+        _remove_sink_leftovers(str(staging))
     return {**_read_info(out), "counters": counters}
+
+
+def _remove_sink_leftovers(output_dir: str) -> None:
+    """Deletes the file sinks' ``beam-temp-*`` folders if the runner left them. Beam's
+    DaskRunner (2.77) computes side inputs by running their branch of the graph again, so the
+    sinks write extra temporary copies, and it computes only the branch that ends in the job's
+    last step, so their clean-up never runs (measured: three temporary folders, one holding a
+    shard's copy, beside the right final shards)."""
+    if not _is_remote(output_dir):
+        for path in glob.glob(os.path.join(output_dir, "beam-temp-*")):
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    found = FileSystems.match([FileSystems.join(output_dir, "beam-temp-*", "*")])[0].metadata_list
+    if found:
+        FileSystems.delete([m.path for m in found])
 
 
 def _run(p: beam.Pipeline, config: FeatureJobConfig, output_dir: str, beam_args) -> dict:

@@ -18,6 +18,7 @@ from pipeline.transforms import (
     Decoded,
     FeaturizeUtterances,
     ReadManifests,
+    SplitFailures,
     TokenizeFn,
     Transcribed,
     band_limit,
@@ -73,10 +74,12 @@ def test_tokenize_and_dataset_stats():
             out = (
                 p
                 | f"Utts{oov}" >> beam.Create(utts)
-                | f"Tokenize{oov}"
-                >> beam.ParDo(TokenizeFn(ENGLISH_LABELS, oov)).with_outputs(FAILED, main="ok")
+                | f"Tokenize{oov}" >> beam.ParDo(TokenizeFn(ENGLISH_LABELS, oov))
+                | f"Split{oov}" >> SplitFailures()
             )
-            texts = out.ok | f"Texts{oov}" >> beam.Map(lambda t: (t.utt.utt_id, t.text, t.labels))
+            texts = out["ok"] | f"Texts{oov}" >> beam.Map(
+                lambda t: (t.utt.utt_id, t.text, t.labels)
+            )
             expected = [("a", "hello world", tuple(tok.encode("hello world")))]
             if oov == "drop":
                 expected.append(("b", "room", tuple(tok.encode("room"))))
@@ -193,12 +196,10 @@ def test_decode_and_featurize_batches_and_composite(tmp_path):
         out = (
             p
             | "Batches" >> beam.Create([batch[:2], batch[2:]])
-            | "Featurize"
-            >> beam.ParDo(DecodeAndFeaturizeFn(config.to_dict(), threads=2)).with_outputs(
-                FAILED, main="ok"
-            )
+            | "Featurize" >> beam.ParDo(DecodeAndFeaturizeFn(config.to_dict(), threads=2))
+            | "Split" >> SplitFailures()
         )
-        checked = out.ok | "Serialize" >> beam.Map(to_tf_example) | "Check" >> beam.Map(check)
+        checked = out["ok"] | "Serialize" >> beam.Map(to_tf_example) | "Check" >> beam.Map(check)
         assert_that(
             checked, equal_to([("u0", 40, 0.4), ("u1", 60, 0.6), ("u2", 80, 0.8)]), label="Feats"
         )

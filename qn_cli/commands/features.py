@@ -7,7 +7,15 @@ worker processes (each imports TensorFlow first, ~6 s of CPU: worth it for hours
     qn features --manifest train.json --out feats/train \\
         --direct_num_workers 2 --direct_running_mode multi_processing --featurize-threads 1
 
-On Dataflow (ship the package to the workers with setup.py):
+On a Dask cluster (tested here with a scheduler and two worker processes on 127.0.0.1; needs
+the `dask` extra):
+
+    dask scheduler --host 127.0.0.1 --port 8786 &
+    dask worker tcp://127.0.0.1:8786 --nworkers 2 --nthreads 1 &
+    qn features --manifest train.json --out feats/train \\
+        --runner dask --dask_client_address tcp://127.0.0.1:8786
+
+On Dataflow (ship the package to the workers with setup.py; not tested here):
 
     qn features --manifest gs://bucket/train.json --out gs://bucket/feats/train \\
         --runner DataflowRunner --project PROJECT --region REGION \\
