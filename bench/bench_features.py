@@ -9,19 +9,23 @@ and dev):
    and featurizing on 1 thread;
 3. the same with N featurize threads (``--featurize-threads N``);
 4. the Beam job with N worker processes (``--direct_running_mode multi_processing``), 1 thread
-   each.
+   each;
+5. with ``--dask``: the Beam job on Beam's DaskRunner, on a local dask.distributed cluster of N
+   worker processes of 1 thread (started before timing; the first run's workers import
+   TensorFlow, so use ``--repeat 2``).
 
 Every variant does the same work and writes the same records. Timings are wall-clock for the
 whole job after Python has imported TensorFlow and Beam (the multi-process variant still pays
 for each worker process importing them). Also reports TFRecord bytes per hour of audio.
 
     .venv/bin/python bench/bench_features.py [--manifest PATH ...] [--workers 2] [--repeat 3]
-        [--speed-perturb 0.9,1.1] [--json OUT]
+        [--speed-perturb 0.9,1.1] [--dask] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -153,6 +157,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per variant; the best counts")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--dask", action="store_true", help="add the DaskRunner row")
     args = parser.parse_args(argv)
     rates = tuple(float(r) for r in args.speed_perturb.split(",") if r)
     manifests = args.manifest or [str(SPEECH_MINI / "train.json"), str(SPEECH_MINI / "dev.json")]
@@ -183,6 +188,20 @@ def main(argv=None) -> int:
                 lambda out: beam_job(manifest, out, args.shards, rates, processes, 1),
             ),
         ]
+        stack = contextlib.ExitStack()
+        if args.dask:
+            from pipeline.dask_cluster import local_cluster
+
+            address = stack.enter_context(
+                local_cluster(args.workers, 1, env={"PYTHONPATH": str(REPO)})
+            )
+            dask_args = ["--runner", "dask", "--dask_client_address", address]
+            variants.append(
+                (
+                    f"Beam on Dask, {args.workers} worker processes, 1 thread each",
+                    lambda out: beam_job(manifest, out, args.shards, rates, dask_args, 1),
+                )
+            )
         results = []
         for i, (name, fn) in enumerate(variants):
             out = work / f"out{i}"
@@ -220,6 +239,7 @@ def main(argv=None) -> int:
             shutil.rmtree(out, ignore_errors=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
+        stack.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

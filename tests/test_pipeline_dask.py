@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,69 +15,16 @@ from pipeline.features_job import FeatureJobConfig, run_job
 from qn_keras.data import schema
 
 REPO = Path(__file__).resolve().parents[1]
-DASK = Path(sys.executable).with_name("dask")
 
 pytest.importorskip("distributed", reason="the dask extra (requirements-dask.txt)")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A scheduler on a port it picks itself (so no port can be taken from under it: it
-    writes its address to the scheduler file) and two worker processes of one thread."""
-    from distributed import Client
+def cluster():
+    from pipeline.dask_cluster import local_cluster
 
-    folder = tmp_path_factory.mktemp("dask")
-    scheduler_file = folder / "scheduler.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    common = ["--no-dashboard", "--scheduler-file", str(scheduler_file)]
-    logs = [open(folder / f"{name}.log", "w") for name in ("scheduler", "workers")]  # noqa: SIM115
-    procs = [
-        subprocess.Popen(
-            [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", "0", *common],
-            cwd=REPO,
-            env=env,
-            stdout=logs[0],
-            stderr=subprocess.STDOUT,
-        )
-    ]
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
-            assert time.monotonic() < deadline, (folder / "scheduler.log").read_text()
-            time.sleep(0.2)
-        procs.append(
-            subprocess.Popen(
-                [
-                    str(DASK),
-                    "worker",
-                    "--nworkers",
-                    "2",
-                    "--nthreads",
-                    "1",
-                    "--host",
-                    "127.0.0.1",
-                    *common,
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=logs[1],
-                stderr=subprocess.STDOUT,
-            )
-        )
-        address = json.loads(scheduler_file.read_text())["address"]
-        with Client(address, timeout=60) as client:
-            client.wait_for_workers(2, timeout=120)
+    with local_cluster(workers=2, threads=1, env={"PYTHONPATH": str(REPO)}) as address:
         yield address
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in logs:
-            log.close()
 
 
 def _records(folder: Path) -> dict:
