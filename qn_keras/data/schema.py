@@ -140,38 +140,10 @@ def parse_example(
     features = tf.reshape(flat[: rows * tf.maximum(width, 1)], [-1, tf.maximum(width, 1)])
     if num_mels is not None:
         features = tf.ensure_shape(features, [None, int(num_mels)])
-    layout = validation.combine(
-        tf.where(
-            tf.not_equal(stored_mels, width),
-            tf.strings.join(
-                [
-                    "num_mels ",
-                    tf.strings.as_string(stored_mels),
-                    " where ",
-                    tf.strings.as_string(width),
-                    " is expected",
-                ]
-            ),
-            "",
-        ),
-        tf.where(
-            tf.logical_or(width <= 0, tf.not_equal(size % tf.maximum(width, 1), 0)),
-            tf.strings.join(
-                [
-                    tf.strings.as_string(size),
-                    " feature values do not fill whole frames of ",
-                    tf.strings.as_string(width),
-                ]
-            ),
-            "",
-        ),
-    )
     feature_length = tf.cast(parsed[FEATURE_LENGTH], tf.int32)
     labels = tf.cast(parsed[LABELS], tf.int32)
-    problem = validation.combine(
-        layout,
-        validation.feature_problem(features, feature_length),
-        validation.label_problem(labels, num_labels),
+    problem = validation.record_problem(
+        size, stored_mels, width, features, feature_length, labels, num_labels
     )
     return {
         FEATURES: features,

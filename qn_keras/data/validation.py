@@ -39,29 +39,54 @@ class CorruptRecordError(UserInputError):
 
 
 def _first_problem(checks) -> tf.Tensor:
-    """The message of the first failing ``(is_bad, message)`` check, or ``""``."""
-    problem = tf.constant("")
-    for is_bad, message in reversed(checks):
-        problem = tf.where(is_bad, message, problem)
-    return problem
+    """The message of the first failing ``(is_bad, message_fn)`` check, or ``""``. Messages
+    are formatted only when some check fails (one cond), so a good record costs the checks."""
+
+    def describe():
+        problem = tf.constant("")
+        for is_bad, message in reversed(checks):
+            problem = tf.where(is_bad, message(), problem)
+        return problem
+
+    any_bad = tf.reduce_any(tf.stack([is_bad for is_bad, _ in checks]))
+    return tf.cond(any_bad, describe, lambda: tf.constant(""))
 
 
 def _str(value) -> tf.Tensor:
     return tf.strings.as_string(value)
 
 
-def feature_problem(features, feature_length=None) -> tf.Tensor:
-    """The problem of one utterance's features ``[frames, num_mels]`` (``""`` if none)."""
+def _layout_checks(size, stored_mels, width) -> list:
+    """Features stored as ``size`` values with ``stored_mels`` columns, read as ``width``."""
+    safe = tf.maximum(width, 1)
+    return [
+        (
+            tf.not_equal(stored_mels, width),
+            lambda: tf.strings.join(
+                ["num_mels ", _str(stored_mels), " where ", _str(width), " is expected"]
+            ),
+        ),
+        (
+            tf.logical_or(width <= 0, tf.not_equal(size % safe, 0)),
+            lambda: tf.strings.join(
+                [_str(size), " feature values do not fill whole frames of ", _str(width)]
+            ),
+        ),
+    ]
+
+
+def _feature_checks(features, feature_length=None) -> list:
     frames = tf.shape(features)[0]
-    finite = tf.math.is_finite(features)
-    bad_values = tf.size(features) - tf.reduce_sum(tf.cast(finite, tf.int32))
+    bad_values = tf.size(features) - tf.math.count_nonzero(
+        tf.math.is_finite(features), dtype=tf.int32
+    )
     checks = []
     if feature_length is not None:
         feature_length = tf.cast(feature_length, tf.int32)
         checks.append(
             (
                 tf.not_equal(feature_length, frames),
-                tf.strings.join(
+                lambda: tf.strings.join(
                     [
                         "feature_length ",
                         _str(feature_length),
@@ -72,11 +97,11 @@ def feature_problem(features, feature_length=None) -> tf.Tensor:
                 ),
             )
         )
-    checks += [
-        (tf.equal(frames, 0), tf.constant("no feature frames")),
+    return checks + [
+        (tf.equal(frames, 0), lambda: tf.constant("no feature frames")),
         (
             bad_values > 0,
-            tf.strings.join(
+            lambda: tf.strings.join(
                 [
                     _str(bad_values),
                     " non-finite feature values (NaN or infinite) of ",
@@ -85,20 +110,17 @@ def feature_problem(features, feature_length=None) -> tf.Tensor:
             ),
         ),
     ]
-    return _first_problem(checks)
 
 
-def label_problem(labels, num_labels: int | None) -> tf.Tensor:
-    """The problem of one utterance's label ids (``""`` if none)."""
+def _label_checks(labels, num_labels: int | None) -> list:
     labels = tf.cast(labels, tf.int32)
-    low = tf.reduce_any(labels < 0)
-    checks = [(low, tf.constant("negative label id"))]
+    checks = [(tf.reduce_any(labels < 0), lambda: tf.constant("negative label id"))]
     if num_labels is not None:
         top = tf.reduce_max(tf.concat([labels, [-1]], 0))
         checks.append(
             (
                 top >= num_labels,
-                tf.strings.join(
+                lambda: tf.strings.join(
                     [
                         "label id ",
                         _str(top),
@@ -108,20 +130,42 @@ def label_problem(labels, num_labels: int | None) -> tf.Tensor:
                 ),
             )
         )
-    return _first_problem(checks)
+    return checks
 
 
-def combine(*problems) -> tf.Tensor:
-    """The first non-empty problem."""
-    return _first_problem([(tf.not_equal(p, ""), p) for p in problems])
+def feature_problem(features, feature_length=None) -> tf.Tensor:
+    """The problem of one utterance's features ``[frames, num_mels]`` (``""`` if none)."""
+    return _first_problem(_feature_checks(features, feature_length))
+
+
+def label_problem(labels, num_labels: int | None) -> tf.Tensor:
+    """The problem of one utterance's label ids (``""`` if none)."""
+    return _first_problem(_label_checks(labels, num_labels))
+
+
+def record_problem(
+    size, stored_mels, width, features, feature_length, labels, num_labels
+) -> tf.Tensor:
+    """The first problem of a parsed record: its layout (``size`` values stored with
+    ``stored_mels`` columns, read as ``width``), its features, its labels; ``""`` if none."""
+    return _first_problem(
+        _layout_checks(size, stored_mels, width)
+        + _feature_checks(features, feature_length)
+        + _label_checks(labels, num_labels)
+    )
 
 
 def assert_usable(problem, utt_id, source) -> tf.Operation:
     """An assertion that fails with ``qn-corrupt-record: utterance 'ID' in FILE: PROBLEM``."""
-    message = tf.strings.join(
-        [CORRUPT_RECORD, ": utterance '", utt_id, "' in ", source, ": ", problem]
+    ok = tf.equal(problem, "")
+    message = tf.cond(
+        ok,
+        lambda: tf.constant(""),
+        lambda: tf.strings.join(
+            [CORRUPT_RECORD, ": utterance '", utt_id, "' in ", source, ": ", problem]
+        ),
     )
-    return tf.debugging.Assert(tf.equal(problem, ""), [message])
+    return tf.debugging.Assert(ok, [message])
 
 
 _MESSAGE = re.compile(re.escape(CORRUPT_RECORD) + r": (.*?)\]?(?:\n|$)")
