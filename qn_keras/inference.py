@@ -86,6 +86,10 @@ def request_checks(waveform, lengths, min_samples: int, sample_rate: int) -> lis
     return [batch, *bounds, samples_ok]
 
 
+# How a refusal for non-finite features starts (callers tell it from the other refusals).
+FEATURES_REFUSED = "features of item(s)"
+
+
 def feature_check(features, feature_lengths) -> tf.Operation:
     """Finite features over each item's valid frames: finite audio far beyond full scale
     overflows the power spectrum, and NaN cannot be relied on to reach the output (oneDNN's
@@ -94,7 +98,7 @@ def feature_check(features, feature_lengths) -> tf.Operation:
     finite = tf.logical_or(tf.math.is_finite(features), tf.logical_not(valid))
     return _check(
         tf.logical_not(tf.reduce_all(finite, axis=[1, 2])),
-        "features of item(s)",
+        FEATURES_REFUSED,
         "non-finite values (audio far beyond full scale?)",
     )
 

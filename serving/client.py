@@ -80,15 +80,12 @@ def wav_bytes(path) -> bytes:
     return buffer.getvalue()
 
 
-pad_waveforms = pad_batch  # the client's name for it
-
-
 def wav_inputs(files: Sequence[bytes]) -> dict:
     return {WAV_INPUT: list(files)}
 
 
 def waveform_inputs(waveforms: Sequence[np.ndarray]) -> dict:
-    batch, lengths = pad_waveforms(waveforms)
+    batch, lengths = pad_batch(waveforms)
     return {"waveform": batch, "lengths": lengths}
 
 

@@ -36,14 +36,7 @@ import tensorflow as tf
 from qn_keras import files
 from qn_keras.errors import UserInputError
 from qn_keras.inference import SpeechRecognizer
-from serving.layout import (  # noqa: F401  (re-exported: the export's names)
-    METADATA_FILE,
-    TFLITE_DIR,
-    WARMUP_FILE,
-    existing_versions,
-    latest_version_dir,
-    read_export_metadata,
-)
+from serving.layout import METADATA_FILE, TFLITE_DIR, WARMUP_FILE, existing_versions
 from serving.wav import decode_wav_batch
 
 WAV_INPUT = "wav_bytes"

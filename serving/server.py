@@ -32,7 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from qn_keras.inference import refusal_message
-from serving.export import WARMUP_FILE, existing_versions, latest_version_dir, read_warmup_file
+from serving.export import read_warmup_file
+from serving.layout import WARMUP_FILE, existing_versions, latest_version_dir
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 

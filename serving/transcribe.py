@@ -34,7 +34,7 @@ from qn_keras.audio import AudioError, ResampledReader, check_waveform, decode_a
 from qn_keras.decoding import beam_decode_ids, greedy_decode_ids
 from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeatureStatistics
-from qn_keras.inference import refusal_message
+from qn_keras.inference import FEATURES_REFUSED, refusal_message
 from serving.recognizer import Recognizer
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
@@ -338,7 +338,8 @@ class Transcriber:
                     for item, waveform in zip(items, waveforms, strict=True)
                     for t in self.transcribe_batch([item], [waveform])
                 ]
-            reason = "non_finite_features" if "features of item" in e.message else "invalid_audio"
+            refused = FEATURES_REFUSED in e.message
+            reason = "non_finite_features" if refused else "invalid_audio"
             message = f"{items[0].path}: {refusal_message(e)}"
             return [Transcript(item=items[0], error=message, reason=reason)]
         logprobs = out["logprobs"].numpy()

@@ -30,8 +30,19 @@ class Transcribed:
     labels: tuple
 
 
+class _Version:
+    """An utterance or one of its augmented copies (speed-perturbed, band-limited)."""
+
+    speed: float
+    narrowband: int
+
+    @property
+    def is_source(self) -> bool:
+        return self.speed == 1.0 and not self.narrowband
+
+
 @dataclasses.dataclass(frozen=True)
-class Decoded:
+class Decoded(_Version):
     utt_id: str
     utt: Utterance
     text: str
@@ -41,16 +52,12 @@ class Decoded:
     narrowband: int = 0  # the sample rate a narrowband copy was passed through; 0: full band
 
     @property
-    def is_source(self) -> bool:
-        return self.speed == 1.0 and not self.narrowband
-
-    @property
     def num_samples(self) -> int:
         return int(self.waveform.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
-class Featurized:
+class Featurized(_Version):
     utt_id: str
     utt: Utterance
     text: str
@@ -59,10 +66,6 @@ class Featurized:
     duration: float
     speed: float = 1.0
     narrowband: int = 0
-
-    @property
-    def is_source(self) -> bool:
-        return self.speed == 1.0 and not self.narrowband
 
     @property
     def num_frames(self) -> int:
