@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` and `make test`. Both set up .venv first (with the
-# `dask` extra, so that the feature job's test on a local Dask cluster runs in `make test`).
+# `dask` extra, so that the feature job's test on a local Dask cluster runs in `make test`, and
+# the `lm` extra with KenLM's lmplz and build_binary, built from source into .venv/bin).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,12 +11,14 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Re-installs only when a requirements file or setup.py changes.
-$(STAMP): requirements.txt requirements-dev.txt requirements-dask.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt requirements-dask.txt requirements-lm.txt setup.py \
+		tools/build_kenlm.sh
 	@$(PYTHON) tools/check_python.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt \
-		-r requirements-dask.txt
+	CMAKE_POLICY_VERSION_MINIMUM=3.5 $(PY) -m pip install --quiet --disable-pip-version-check \
+		-r requirements.txt -r requirements-dev.txt -r requirements-dask.txt -r requirements-lm.txt
+	tools/build_kenlm.sh $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(PY) -m pip check
 	@touch $(STAMP)

@@ -7,8 +7,8 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 
-def _requirements():
-    lines = (HERE / "requirements.txt").read_text().splitlines()
+def _requirements(name="requirements.txt"):
+    lines = (HERE / name).read_text().splitlines()
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -25,11 +25,8 @@ setup(
     install_requires=_requirements(),
     extras_require={
         "nemo": ["torch==2.13.0"],
-        "dask": [
-            line
-            for line in (HERE / "requirements-dask.txt").read_text().splitlines()
-            if line and not line.startswith("#")
-        ],
+        "dask": _requirements("requirements-dask.txt"),
+        "lm": _requirements("requirements-lm.txt"),
     },
     entry_points={"console_scripts": ["qn=qn_cli.main:main"]},
 )

@@ -75,3 +75,18 @@ def beam_decode_ids(logprobs: np.ndarray, length: int, blank_id: int, beam_width
         beams = dict(sorted(candidates.items(), key=lambda kv: -np.logaddexp(*kv[1]))[:beam_width])
     best = max(beams.items(), key=lambda kv: np.logaddexp(*kv[1]))
     return list(best[0])
+
+
+class PrefixBeamSearch:
+    """:func:`beam_decode_ids` as a decoder object (``decode_texts`` over a padded batch)."""
+
+    def __init__(self, labels, beam_width: int):
+        self.labels = tuple(labels)
+        self.beam_width = int(beam_width)
+
+    def decode_texts(self, logprobs, lengths) -> list[str]:
+        blank = len(self.labels)
+        return [
+            "".join(self.labels[i] for i in beam_decode_ids(lp, n, blank, self.beam_width))
+            for lp, n in zip(logprobs, lengths, strict=True)
+        ]

@@ -273,9 +273,13 @@ class Transcriber:
         ['hello world']
     """
 
-    def __init__(self, recognizer: Recognizer, options: TranscribeOptions | None = None):
+    def __init__(
+        self, recognizer: Recognizer, options: TranscribeOptions | None = None, decoder=None
+    ):
         self.recognizer = recognizer
         self.options = options or TranscribeOptions()
+        # An LM beam search (qn_keras.lm.decoder.LMDecoder), used instead of beam_width.
+        self.decoder = decoder
         self.blank_id = len(recognizer.labels)
         cfg = recognizer.featurizer
         self.hop = cfg.hop_length
@@ -290,6 +294,17 @@ class Transcriber:
     def _finish(self, item, logprobs, length, duration, greedy_text=None, chunks=1):
         opts = self.options
         logprobs = np.asarray(logprobs[:length], dtype=np.float32)
+        if self.decoder is not None:
+            decoded = self.decoder.decode(logprobs, length)
+            words = decoded.words(self.recognizer.frame_seconds) if opts.timestamps else None
+            return Transcript(
+                item=item,
+                text=decoded.text,
+                duration=duration,
+                words=words,
+                logprobs=logprobs if opts.keep_logprobs else None,
+                chunks=chunks,
+            )
         if opts.beam_width > 1:
             ids = beam_decode_ids(logprobs, length, self.blank_id, opts.beam_width)
             text = self.recognizer.tokenizer.decode(ids)

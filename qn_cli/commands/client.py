@@ -5,12 +5,18 @@
 
 Sends the files to the `transcribe_wav` signature (non-WAV files are re-encoded as WAV first;
 the server resamples), or with --signature serving_default decodes them here and sends
-16 kHz waveforms. Prints one "path<TAB>transcript" line per file.
+16 kHz waveforms. Prints one "path<TAB>transcript" line per file: the server's greedy
+transcript, or with --lm DIR (or --beam N) decoded here from the log-probs the server returns,
+with the labels the LM was built for (--labels FILE to say otherwise).
+
+    qn client --url http://127.0.0.1:8501 --model qn --lm lms/en-4 a.wav
 """
 
 from __future__ import annotations
 
 import argparse
+
+from qn_cli import lm_options
 
 
 def register(subparsers):
@@ -30,6 +36,10 @@ def register(subparsers):
     )
     parser.add_argument("--batch-size", type=int, default=8, help="files per request")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument(
+        "--labels", metavar="FILE", help="the model's labels, for --lm/--beam (default: the LM's)"
+    )
+    lm_options.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -41,6 +51,7 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    decoder = lm_options.decoder_from_args(args, _labels(args))
     if args.grpc:
         client = GrpcClient(args.grpc, args.model, args.version, args.timeout)
     else:
@@ -54,7 +65,16 @@ def run(args) -> int:
                 from qn_keras.audio import decode_audio
 
                 prediction = client.transcribe_waveforms([decode_audio(p) for p in paths])
-            for path, text in zip(paths, prediction.transcripts, strict=True):
+            texts = prediction.transcripts
+            if decoder is not None:
+                if prediction.logprobs.shape[-1] != len(decoder.labels) + 1:
+                    raise UserError(
+                        f"the server's log-probs have {prediction.logprobs.shape[-1]} classes; "
+                        f"the labels for --lm/--beam have {len(decoder.labels)} + blank "
+                        "(give the model's labels with --labels FILE)"
+                    )
+                texts = decoder.decode_texts(prediction.logprobs, prediction.logprob_lengths)
+            for path, text in zip(paths, texts, strict=True):
                 print(f"{path}\t{text}", flush=True)
     except ServingError as e:
         print(f"qn client: server error {e.code}: {e.message}", file=sys.stderr)
@@ -62,3 +82,18 @@ def run(args) -> int:
     finally:
         client.close()
     return 0
+
+
+def _labels(args):
+    """The labels for client-side decoding: --labels, else the LM folder's, else English."""
+    from qn_keras.tokenizer import ENGLISH_LABELS, CharTokenizer
+
+    if args.labels:
+        return CharTokenizer.from_file(args.labels).labels
+    if args.lm:
+        from qn_keras.lm.folder import load_lm_folder
+
+        labels = load_lm_folder(args.lm).labels
+        if labels:
+            return labels
+    return ENGLISH_LABELS

@@ -2,7 +2,8 @@
 
     qn evaluate --model runs/x/model --manifest dev.json --output results.jsonl
 
-Greedy decoding. Transcripts are normalized with the model's tokenizer before scoring. The
+Greedy decoding, or beam search with an n-gram LM (--lm DIR, from `qn lm build`; its tuned
+alpha/beta unless given). Transcripts are normalized with the model's tokenizer before scoring. The
 per-utterance JSON lines (reference, hypothesis, word and character errors) are written worst
 first. Utterances that cannot be scored (non-finite features, damaged records, label ids
 outside the model's vocabulary) are reported by id, not scored: they are listed on stderr and
@@ -12,6 +13,8 @@ in the output with an "error" field instead of a hypothesis.
 from __future__ import annotations
 
 import argparse
+
+from qn_cli import lm_options
 
 
 def register(subparsers):
@@ -31,6 +34,7 @@ def register(subparsers):
     parser.add_argument("--output", metavar="FILE", help="per-utterance results (JSON lines)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-progress", action="store_true")
+    lm_options.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -42,45 +46,18 @@ def run(args) -> int:
 
     from qn_cli.main import UserError
     from qn_keras import files
-    from qn_keras.data import reader
     from qn_keras.model_dir import load_model_dir
-    from qn_keras.training.evaluation import evaluate
+    from qn_keras.training.evaluation import evaluate, evaluation_dataset
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     bundle = load_model_dir(args.model)
-    source = Path(args.manifest)
-    if not source.exists():
-        raise UserError(f"--manifest not found: {source}")
-    if source.is_dir() and (source / reader.DATASET_INFO).exists():
-        from qn_keras.training.data import from_tfrecords
-
-        data = from_tfrecords(source)
-        data.check_compatible(bundle.tokenizer, bundle.featurizer)
-        dataset = data.dataset(
-            args.batch_size,
-            training=False,
-            with_metadata=True,
-            num_labels=len(bundle.tokenizer.labels),
-            bad_records="keep",
-        )
-        total = data.num_utterances
-    else:
-        dataset = reader.manifest_dataset(
-            str(source),
-            bundle.tokenizer,
-            bundle.featurizer,
-            args.batch_size,
-            shuffle=False,
-            bucket_boundaries=None,
-            deterministic=True,
-            cache=False,
-            with_metadata=True,
-            bad_records="keep",
-        )
-        total = None
+    if not Path(args.manifest).exists():
+        raise UserError(f"--manifest not found: {args.manifest}")
+    decoder = lm_options.decoder_from_args(args, bundle.tokenizer.labels)
+    dataset, total = evaluation_dataset(args.manifest, bundle, args.batch_size)
     with tqdm(total=total, unit="utt", desc="evaluating", disable=args.no_progress) as bar:
-        result = evaluate(bundle.model, dataset, bundle.tokenizer, progress=bar)
+        result = evaluate(bundle.model, dataset, bundle.tokenizer, decoder=decoder, progress=bar)
     rows = sorted(result.utterances, key=lambda r: (-r["word_errors"], -r["cer"], r["utt_id"]))
     rows += result.rejected
     for bad in result.rejected:

@@ -3,6 +3,7 @@
     qn transcribe --model DIR a.wav b.flac          # one "path<TAB>transcript" line per file
     qn transcribe --model DIR audio_folder/ --output results.jsonl --timestamps
     qn transcribe --model DIR dev.json --beam 8 --logprobs-dir logprobs/
+    qn transcribe --model DIR --lm lms/en-4 clip.wav --timestamps   # n-gram LM beam search
 
 DIR is a model folder (`qn train`, `qn import-nemo`) or an exported model (`qn export`:
 BASE/NAME for its latest version, or BASE/NAME/N). Any soundfile format and sample rate.
@@ -13,6 +14,8 @@ memory, with the same result as whole-file transcription.
 from __future__ import annotations
 
 import argparse
+
+from qn_cli import lm_options
 
 
 def register(subparsers):
@@ -31,7 +34,6 @@ def register(subparsers):
         "--logprobs-dir", metavar="DIR", help="write <stem>.npy log-probabilities [frames, V]"
     )
     parser.add_argument("--timestamps", action="store_true", help="word start/end times")
-    parser.add_argument("--beam", type=int, default=1, metavar="N", help="CTC beam width (no LM)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--max-whole-seconds",
@@ -42,6 +44,7 @@ def register(subparsers):
     parser.add_argument("--chunk-seconds", type=float, default=30.0)
     parser.add_argument("--context-seconds", type=float, default=5.0)
     parser.add_argument("--no-progress", action="store_true")
+    lm_options.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -73,17 +76,19 @@ def run(args) -> int:
     items = collect_inputs(args.inputs)
     if not items:
         raise UserError("No audio to transcribe.")
+    recognizer = load_recognizer(args.model)
+    # --beam alone is the Transcriber's own prefix beam search (beam_width).
+    decoder = lm_options.decoder_from_args(args, recognizer.labels, plain_beam=False)
     options = TranscribeOptions(
         batch_size=args.batch_size,
-        beam_width=args.beam,
+        beam_width=args.beam or 1,
         timestamps=args.timestamps,
         keep_logprobs=bool(args.logprobs_dir),
         max_whole_seconds=args.max_whole_seconds,
         chunk_seconds=args.chunk_seconds,
         context_seconds=args.context_seconds,
     )
-    recognizer = load_recognizer(args.model)
-    transcriber = Transcriber(recognizer, options)
+    transcriber = Transcriber(recognizer, options, decoder=decoder)
     logprobs_dir = Path(args.logprobs_dir) if args.logprobs_dir else None
     if logprobs_dir:
         logprobs_dir.mkdir(parents=True, exist_ok=True)

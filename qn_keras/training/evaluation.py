@@ -19,7 +19,8 @@ class EvaluationResult:
     ``hypothesis``, ``word_errors``, ``words``, ``char_errors``, ``chars``, ``wer``, ``cer``,
     ``loss``). ``loss`` is NeMo's ``mean_batch`` reduction over the whole set. ``rejected``
     lists the utterances the reader found unusable (``utt_id``, ``reference``, ``error``),
-    which are not scored."""
+    which are not scored. ``logprobs``, if kept, holds each scored utterance's
+    ``[frames, classes]`` log-probs, in the order of ``utterances``."""
 
     loss: float
     wer: float
@@ -27,6 +28,7 @@ class EvaluationResult:
     num_utterances: int
     utterances: list = dataclasses.field(default_factory=list)
     rejected: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
 
     def metrics(self) -> dict:
         return {
@@ -57,12 +59,23 @@ def make_eval_step(model):
     return step
 
 
-def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=None, progress=None):
+def evaluate(
+    model,
+    dataset,
+    tokenizer,
+    *,
+    keep_utterances: bool = True,
+    keep_logprobs: bool = False,
+    decoder=None,
+    step=None,
+    progress=None,
+):
     """Evaluates ``model`` on batches of ``((features, lengths), (labels, label_lengths)[,
     metadata])``; references are the metadata transcripts when present, else the decoded
     labels. Utterances whose metadata ``problem`` is set (a reader with
     ``bad_records="keep"``) are listed in ``rejected`` instead of scored. ``step`` reuses a
-    :func:`make_eval_step` function across calls."""
+    :func:`make_eval_step` function across calls. Hypotheses are greedy, or ``decoder``'s
+    (anything with ``decode_texts(logprobs, lengths)``, e.g. an LM beam search)."""
     step = step or make_eval_step(model)
     blank = model.output_shape[0][-1] - 1 if hasattr(model, "output_shape") else tokenizer.blank_id
     if blank != tokenizer.blank_id:
@@ -72,15 +85,16 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
         )
     total_loss, count = 0.0, 0
     word_err = word_total = char_err = char_total = 0
-    rows, rejected = [], []
+    rows, rejected, result_logprobs = [], [], []
     for element in dataset:
         (features, feature_lengths), (labels, label_lengths) = element[0], element[1]
         meta = element[2] if len(element) > 2 else None
         logprobs, lengths, losses = step(features, feature_lengths, labels, label_lengths)
-        hyps = [
-            tokenizer.decode(ids)
-            for ids in greedy_decode_batch(logprobs.numpy(), lengths.numpy(), blank)
-        ]
+        logprobs, lengths = logprobs.numpy(), lengths.numpy()
+        if decoder is not None:
+            hyps = decoder.decode_texts(logprobs, lengths)
+        else:
+            hyps = [tokenizer.decode(ids) for ids in greedy_decode_batch(logprobs, lengths, blank)]
         if meta is not None:
             refs = [t.decode("utf-8") for t in meta[schema.TRANSCRIPT].numpy()]
             ids = [u.decode("utf-8") for u in meta[schema.UTT_ID].numpy()]
@@ -99,6 +113,8 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
                 continue
             scored += 1
             total_loss += float(losses[i])
+            if keep_logprobs:
+                result_logprobs.append(logprobs[i, : int(lengths[i])].copy())
             we, wn = word_errors(ref, hyp)
             ce, cn = char_errors(ref, hyp)
             word_err, word_total, char_err, char_total = (
@@ -137,4 +153,44 @@ def evaluate(model, dataset, tokenizer, *, keep_utterances: bool = True, step=No
         num_utterances=count,
         utterances=rows,
         rejected=rejected,
+        logprobs=result_logprobs,
     )
+
+
+def evaluation_dataset(source, bundle, batch_size: int):
+    """Batches (with metadata, unusable records kept and flagged) of a manifest, LibriSpeech
+    folder or `qn features` folder, for :func:`evaluate` with ``bundle``'s (a model folder's)
+    tokenizer and featurizer; and the number of utterances when known in advance."""
+    from pathlib import Path
+
+    from qn_keras.data import reader
+
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"Evaluation data not found: {source}")
+    if source.is_dir() and (source / reader.DATASET_INFO).exists():
+        from qn_keras.training.data import from_tfrecords
+
+        data = from_tfrecords(source)
+        data.check_compatible(bundle.tokenizer, bundle.featurizer)
+        dataset = data.dataset(
+            batch_size,
+            training=False,
+            with_metadata=True,
+            num_labels=len(bundle.tokenizer.labels),
+            bad_records="keep",
+        )
+        return dataset, data.num_utterances
+    dataset = reader.manifest_dataset(
+        str(source),
+        bundle.tokenizer,
+        bundle.featurizer,
+        batch_size,
+        shuffle=False,
+        bucket_boundaries=None,
+        deterministic=True,
+        cache=False,
+        with_metadata=True,
+        bad_records="keep",
+    )
+    return dataset, None
