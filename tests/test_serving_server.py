@@ -215,6 +215,27 @@ def test_qn_client_cli(server, use_grpc):
     assert [t for _, t in lines] == _keras(su.sample_waveforms()[:3])[2]
 
 
+def test_qn_client_decodes_with_an_lm(server, rest, tmp_path):
+    """TF Serving returns log-probs; `qn client --lm` decodes them here, as LMDecoder does."""
+    from qn_cli.main import main
+    from qn_keras.lm.build import build_lm
+    from qn_keras.lm.decoder import LMDecoder
+    from qn_keras.tokenizer import ENGLISH_LABELS
+
+    lm = tmp_path / "lm"
+    build_lm([su.REPO / "sample_data" / "train.json"], lm, order=2)
+    paths = _paths(3)
+    argv = ["client", "--model", su.MODEL_NAME, "--url", f"http://127.0.0.1:{server.rest_port}",
+            "--lm", str(lm), "--beam", "8", *paths]  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    prediction = rest.transcribe_files(paths)
+    decoder = LMDecoder.from_folder(ENGLISH_LABELS, lm, beam_width=8)
+    expected = decoder.decode_texts(prediction.logprobs, prediction.logprob_lengths)
+    assert [line.split("\t")[1] for line in out.getvalue().splitlines()] == expected
+
+
 # Requests the graph must refuse (checked in the SavedModel, so TF Serving refuses them too) --
 
 _TONE = (0.1 * np.sin(np.arange(16000) * 0.05)).astype(np.float32)
