@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--beam",
         type=int,
         metavar="N",
-        help="beam width (without --lm default 1: greedy; with --lm: tuned, else 32)",
+        help="beam width (without --lm default 1: greedy; with --lm: tuned, else 24)",
     )
     group.add_argument("--lm", metavar="DIR", help="n-gram LM folder (qn lm build)")
     group.add_argument("--alpha", type=float, help="LM weight (default: tuned, else 0.5)")

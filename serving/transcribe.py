@@ -21,6 +21,7 @@ model's receptive field (:func:`receptive_field_seconds`), and in practice long 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -291,11 +292,13 @@ class Transcriber:
 
     # Decoding -------------------------------------------------------------------------------
 
-    def _finish(self, item, logprobs, length, duration, greedy_text=None, chunks=1):
+    def _finish(self, item, logprobs, length, duration, greedy_text=None, chunks=1, decoded=None):
+        """The Transcript of one file's log-probs; ``decoded`` is a future of the LM search's
+        result when it was started elsewhere."""
         opts = self.options
         logprobs = np.asarray(logprobs[:length], dtype=np.float32)
         if self.decoder is not None:
-            decoded = self.decoder.decode(logprobs, length)
+            decoded = decoded.result() if decoded is not None else self.decoder.decode(logprobs)
             words = decoded.words(self.recognizer.frame_seconds) if opts.timestamps else None
             return Transcript(
                 item=item,
@@ -342,6 +345,11 @@ class Transcriber:
         """One padded model call for several decoded waveforms. An item the model's input
         checks refuse (non-finite features, say) gets ``error`` set; the others are
         transcribed."""
+        return [finish() for finish in self._run_batch(items, waveforms)]
+
+    def _run_batch(self, items, waveforms) -> list[Callable[[], Transcript]]:
+        """The model call of :meth:`transcribe_batch`; decoding is left to the returned
+        functions, one per item, so that it can overlap the next batch's model call."""
         batch, lengths = pad_batch(waveforms)
         self.max_piece_samples = max(self.max_piece_samples, int(lengths.max()))
         try:
@@ -349,22 +357,29 @@ class Transcriber:
         except tf.errors.InvalidArgumentError as e:
             if len(items) > 1:  # find the item(s) at fault; the rest still get their text
                 return [
-                    t
+                    finish
                     for item, waveform in zip(items, waveforms, strict=True)
-                    for t in self.transcribe_batch([item], [waveform])
+                    for finish in self._run_batch([item], [waveform])
                 ]
             refused = FEATURES_REFUSED in e.message
             reason = "non_finite_features" if refused else "invalid_audio"
-            message = f"{items[0].path}: {refusal_message(e)}"
-            return [Transcript(item=items[0], error=message, reason=reason)]
+            refusal = Transcript(
+                item=items[0], error=f"{items[0].path}: {refusal_message(e)}", reason=reason
+            )
+            return [lambda: refusal]
         logprobs = out["logprobs"].numpy()
         out_lengths = out["logprob_lengths"].numpy()
         texts = [t.decode("utf-8") for t in out["transcripts"].numpy()]
         rate = self.recognizer.sample_rate
-        return [
-            self._finish(item, logprobs[b], int(out_lengths[b]), lengths[b] / rate, texts[b])
-            for b, item in enumerate(items)
-        ]
+        finishers = []
+        for b, item in enumerate(items):
+            args = (item, logprobs[b], int(out_lengths[b]), lengths[b] / rate, texts[b])
+            if hasattr(self.decoder, "decode_async"):  # the search starts now, elsewhere
+                future = self.decoder.decode_async(logprobs[b], int(out_lengths[b]))
+                finishers.append(functools.partial(self._finish, *args, decoded=future))
+            else:
+                finishers.append(functools.partial(self._finish, *args))
+        return finishers
 
     # Long files -----------------------------------------------------------------------------
 
@@ -486,7 +501,13 @@ class Transcriber:
                     loaded.append((index, None, e))
             return loaded
 
-        # Decoding the next batch overlaps with the model running on this one.
+        # With a decoder in worker processes (ParallelLMDecoder) each batch's beam search was
+        # submitted with its model call and runs beside the next ones; results are collected
+        # after the last batch.
+        deferred = []
+        defer = hasattr(self.decoder, "decode_async")
+
+        # Decoding the next batch's audio overlaps with the model running on this one.
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(load, batches[0]) if batches else None
             for number in range(len(batches)):
@@ -501,13 +522,16 @@ class Transcriber:
                             Transcript(item=items[index], error=str(error), reason=error.reason),
                         )
                 if good:
-                    transcripts = self.transcribe_batch(
-                        [items[i] for i, _ in good], [w for _, w in good]
-                    )
-                    for (index, _), transcript in zip(good, transcripts, strict=True):
-                        done(index, transcript)
+                    finishers = self._run_batch([items[i] for i, _ in good], [w for _, w in good])
+                    for (index, _), finish in zip(good, finishers, strict=True):
+                        if defer:
+                            deferred.append((index, finish))
+                        else:
+                            done(index, finish())
                 if progress:
                     progress(sum(seconds for seconds, _ in batches[number]))
+        for index, finish in deferred:
+            done(index, finish())
         for _, index in long:
             try:
                 done(index, self.transcribe_long(items[index], progress))

@@ -382,3 +382,16 @@ def test_tuning_in_parallel_finds_the_lm_and_writes_the_folder(lm_dir, tmp_path)
     assert decoder.settings.alpha == best["alpha"] and decoder.settings.beam_width == 16
     override = LMDecoder.from_folder(LABELS, folder, alpha=0.25, beta=None)
     assert override.settings.alpha == 0.25 and override.settings.beta == best["beta"]
+
+
+def test_decoding_in_worker_processes_gives_the_same_results(lm_dir):
+    from qn_keras.lm.decoder import ParallelLMDecoder
+
+    cases = [_logprobs(_spell("the cat sat", {4: {"k": 0.55, "c": 0.4}})),
+             _logprobs(_spell("a dog"), blank_frames=3)]  # fmt: skip
+    local = LMDecoder(LABELS, lm_dir, DecoderSettings(alpha=0.5, beta=1.0))
+    with ParallelLMDecoder(local, processes=2) as remote:
+        futures = [remote.decode_async(lp) for lp in cases]
+        assert [f.result() for f in futures] == [local.decode(lp) for lp in cases]
+        with pytest.raises(UserInputError, match="do not fit"):
+            remote.decode(np.zeros((3, 5)))

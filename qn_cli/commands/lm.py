@@ -57,7 +57,7 @@ def register(subparsers):
     tune.add_argument("--lm", required=True, metavar="DIR", help="LM folder (qn lm build)")
     tune.add_argument("--alpha", default="0:2:0.25", help="A:B:STEP or A,B,... (0:2:0.25)")
     tune.add_argument("--beta", default="0:3:0.5", help="A:B:STEP or A,B,... (0:3:0.5)")
-    tune.add_argument("--beam", type=int, default=None, help="beam width (default 32)")
+    tune.add_argument("--beam", type=int, default=None, help="beam width (default 24)")
     tune.add_argument("--beam-prune", type=float, default=None, metavar="LOGP")
     tune.add_argument("--processes", type=int, default=None, help="default: one per core")
     tune.add_argument("--batch-size", type=int, default=16)
@@ -110,7 +110,7 @@ def run_tune(args) -> int:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
     folder = load_lm_folder(args.lm)  # a bad LM folder is reported before the model runs
     settings = DecoderSettings().replace(
-        beam_width=args.beam or folder.tuned.get("beam_width"),
+        beam_width=args.beam,
         beam_prune_logp=args.beam_prune,
     )
 

@@ -44,6 +44,13 @@ def register(subparsers):
     parser.add_argument("--chunk-seconds", type=float, default=30.0)
     parser.add_argument("--context-seconds", type=float, default=5.0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--decode-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes for the LM search, beside the model (0: in this process)",
+    )
     lm_options.add_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -61,6 +68,35 @@ def _stem_names(transcripts) -> list[str]:
     return names
 
 
+def _labels_without_tensorflow(model) -> tuple | None:
+    """The labels in a model folder's qn_model.json or an export's qn_export.json, or None."""
+    import json
+    from pathlib import Path
+
+    from serving.layout import existing_versions, read_export_metadata
+
+    path = Path(model)
+    try:
+        if (path / "qn_model.json").is_file():
+            return tuple(json.loads((path / "qn_model.json").read_text())["labels"])
+        versions = existing_versions(path) if path.is_dir() else []
+        meta = read_export_metadata(path / str(max(versions)) if versions else path)
+        return tuple(meta["labels"]) if meta else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # load_recognizer says what is wrong
+
+
+def _decoder(args, labels):
+    """--lm / --hotword: the LM search (in --decode-processes workers); --beam alone is the
+    Transcriber's own prefix beam search (beam_width), so None then, as for greedy."""
+    decoder = lm_options.decoder_from_args(args, labels, plain_beam=False)
+    if decoder is not None and args.decode_processes > 0:
+        from qn_keras.lm.decoder import ParallelLMDecoder
+
+        decoder = ParallelLMDecoder(decoder, processes=args.decode_processes)
+    return decoder
+
+
 def run(args) -> int:
     import sys
     from pathlib import Path
@@ -70,6 +106,12 @@ def run(args) -> int:
 
     from qn_cli.main import UserError
     from qn_keras import files
+
+    # The LM search's worker processes start loading before TensorFlow does (seconds), when
+    # the model's labels can be read from its JSON; a bad --lm is reported before that too.
+    early_labels = _labels_without_tensorflow(args.model)
+    decoder = _decoder(args, early_labels) if early_labels else None
+
     from serving.recognizer import load_recognizer
     from serving.transcribe import TranscribeOptions, Transcriber, collect_inputs
 
@@ -77,8 +119,10 @@ def run(args) -> int:
     if not items:
         raise UserError("No audio to transcribe.")
     recognizer = load_recognizer(args.model)
-    # --beam alone is the Transcriber's own prefix beam search (beam_width).
-    decoder = lm_options.decoder_from_args(args, recognizer.labels, plain_beam=False)
+    if early_labels != recognizer.labels:
+        if hasattr(decoder, "close"):
+            decoder.close()
+        decoder = _decoder(args, recognizer.labels)
     options = TranscribeOptions(
         batch_size=args.batch_size,
         beam_width=args.beam or 1,
@@ -95,11 +139,15 @@ def run(args) -> int:
     with tqdm(
         total=None, unit="s", desc="transcribing", disable=args.no_progress, file=sys.stderr
     ) as bar:
-        results = transcriber.transcribe(
-            items,
-            progress=lambda seconds: bar.update(round(seconds, 2)),
-            on_total=lambda seconds: setattr(bar, "total", round(seconds, 2)),
-        )
+        try:
+            results = transcriber.transcribe(
+                items,
+                progress=lambda seconds: bar.update(round(seconds, 2)),
+                on_total=lambda seconds: setattr(bar, "total", round(seconds, 2)),
+            )
+        finally:
+            if hasattr(decoder, "close"):
+                decoder.close()
     failed = 0
     names = _stem_names(results)
     records = []

@@ -19,7 +19,7 @@ import numpy as np
 from qn_keras.errors import UserInputError
 from qn_keras.lm.folder import LMFolder, LMFolderError, load_lm_folder
 
-DEFAULT_BEAM_WIDTH = 32
+DEFAULT_BEAM_WIDTH = 24
 
 
 class LMNotInstalled(UserInputError):
@@ -51,7 +51,7 @@ class DecoderSettings:
     beta: float = 1.0
     beam_width: int = DEFAULT_BEAM_WIDTH
     beam_prune_logp: float = -10.0
-    token_min_logp: float = -5.0
+    token_min_logp: float = -4.0
     hotwords: tuple[str, ...] = ()
     hotword_weight: float = 10.0
     unk_score_offset: float = -10.0
@@ -208,3 +208,66 @@ class LMDecoder:
     def decode_texts(self, logprobs, lengths) -> list[str]:
         """Texts of a padded batch ``[batch, frames, classes]``."""
         return [self.decode(logprobs[b], lengths[b]).text for b in range(len(logprobs))]
+
+
+# A decoder per worker process, built once by _init_worker (spawned processes share nothing).
+_WORKER_DECODER: list = []
+
+
+def _init_worker(labels, lm_path, settings) -> None:
+    _WORKER_DECODER[:] = [LMDecoder(labels, lm_path, settings)]
+
+
+def _decode_in_worker(logprobs, length) -> DecodedText:
+    return _WORKER_DECODER[0].decode(logprobs, length)
+
+
+def _ready() -> bool:
+    return bool(_WORKER_DECODER)
+
+
+class ParallelLMDecoder:
+    """An :class:`LMDecoder` in worker processes: ``decode_async`` returns a future, so the
+    search (Python, GIL-bound) runs beside the model instead of after it. Workers are spawned
+    (no TensorFlow in them) and start loading the LM at once, while the caller loads its model.
+
+    Example:
+        >>> with ParallelLMDecoder(LMDecoder(labels, "lms/en-4"), processes=1) as decoder:
+        ...     future = decoder.decode_async(logprobs, length)
+        ...     future.result().text
+    """
+
+    def __init__(self, decoder: LMDecoder, processes: int = 1):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.decoder = decoder
+        self.labels = decoder.labels
+        self.settings = decoder.settings
+        lm_path = str(decoder.folder.path) if decoder.folder is not None else None
+        self._pool = ProcessPoolExecutor(
+            max_workers=max(1, int(processes)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(decoder.labels, lm_path, decoder.settings),
+        )
+        self._warm = [self._pool.submit(_ready) for _ in range(max(1, int(processes)))]
+
+    def decode_async(self, logprobs, length=None):
+        return self._pool.submit(_decode_in_worker, np.asarray(logprobs, np.float32), length)
+
+    def decode(self, logprobs, length=None) -> DecodedText:
+        return self.decode_async(logprobs, length).result()
+
+    def decode_texts(self, logprobs, lengths) -> list[str]:
+        futures = [self.decode_async(logprobs[b], lengths[b]) for b in range(len(logprobs))]
+        return [f.result().text for f in futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
