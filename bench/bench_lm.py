@@ -156,7 +156,8 @@ def accuracy(args) -> dict:
     )
     rows = [{"decoder": "greedy", **_score(refs, texts), "decode_ms_per_audio_s":
              1000 * seconds / audio_s, "per_speaker": _per_speaker(ids, refs, texts)}]  # fmt: skip
-    settings = DecoderSettings(beam_width=args.beam)
+    settings = DecoderSettings().replace(beam_width=args.beam)
+    args.beam = settings.beam_width
     no_lm = LMDecoder(labels, None, settings)
     texts, seconds = _timed_decode(lambda lp: no_lm.decode(lp).text, logprobs)
     rows.append({"decoder": f"beam {args.beam}, no LM", **_score(refs, texts),
@@ -181,12 +182,22 @@ def accuracy(args) -> dict:
             "tune_grid_cells": len(grid), "tune_s": round(tune_s, 1),
             "per_speaker": _per_speaker(ids, refs, texts), "build": builds[order],
         })  # fmt: skip
+    best_order = min(rows[2:], key=lambda r: r["wer"])
+    for beam in args.extra_beams:  # the best LM's tuned alpha/beta at other beam widths
+        order = int(best_order["decoder"].split(", ")[1].split("-")[0])
+        decoder = LMDecoder.from_folder(labels, out / f"lm-{order}", beam_width=beam)
+        texts, seconds = _timed_decode(lambda lp, d=decoder: d.decode(lp).text, logprobs)
+        rows.append({
+            "decoder": f"beam {beam}, {order}-gram", **_score(refs, texts),
+            "alpha": decoder.settings.alpha, "beta": decoder.settings.beta,
+            "decode_ms_per_audio_s": 1000 * seconds / audio_s,
+            "per_speaker": _per_speaker(ids, refs, texts),
+        })  # fmt: skip
     greedy_wer = rows[0]["wer"]
     for row in rows:
         row["relative_wer_reduction"] = round(1 - row["wer"] / greedy_wer, 4) if greedy_wer else 0
     result["rows"] = rows
-    best_lm = min(rows[2:], key=lambda r: r["wer"])
-    order = int(best_lm["decoder"].split(", ")[1].split("-")[0])
+    order = int(best_order["decoder"].split(", ")[1].split("-")[0])
     result["transcribe_wall"] = {
         "lm": f"lm-{order}",
         **_transcribe_wall(args.model, args.manifest, out / f"lm-{order}", args.repeat),
@@ -258,7 +269,7 @@ def markdown(result) -> str:
         lines.append(
             f"| {r['decoder']} | {r.get('alpha', '-')} | {r.get('beta', '-')} | "
             f"{100 * r['wer']:.1f}% | {100 * r['cer']:.1f}% | "
-            f"{100 * r['relative_wer_reduction']:.1f}% | {r['decode_ms_per_audio_s']:.2f} |"
+            f"{100 * r['relative_wer_reduction']:.1f}% | {r['decode_ms_per_audio_s']:.3f} |"
         )
     wall = result["transcribe_wall"]
     lines.append(
@@ -279,7 +290,8 @@ def main(argv=None) -> int:
     acc.add_argument("--out", required=True)
     acc.add_argument("--alpha", default="0:2:0.25")
     acc.add_argument("--beta", default="0:3:0.5")
-    acc.add_argument("--beam", type=int, default=32)
+    acc.add_argument("--beam", type=int, default=None, help="default: the decoder's default")
+    acc.add_argument("--extra-beams", type=int, nargs="*", default=[64])
     acc.add_argument("--repeat", type=int, default=3)
     acc.add_argument("--json", help="also write the result here")
     build = sub.add_parser("build")

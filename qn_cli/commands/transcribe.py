@@ -47,9 +47,10 @@ def register(subparsers):
     parser.add_argument(
         "--decode-processes",
         type=int,
-        default=1,
+        default=None,
         metavar="N",
-        help="worker processes for the LM search, beside the model (0: in this process)",
+        help="worker processes for the LM search, beside the model (default: one per core, "
+        "at most 4; 0: in this process)",
     )
     lm_options.add_arguments(parser)
     parser.set_defaults(func=run)
@@ -89,11 +90,16 @@ def _labels_without_tensorflow(model) -> tuple | None:
 def _decoder(args, labels):
     """--lm / --hotword: the LM search (in --decode-processes workers); --beam alone is the
     Transcriber's own prefix beam search (beam_width), so None then, as for greedy."""
+    import os
+
     decoder = lm_options.decoder_from_args(args, labels, plain_beam=False)
-    if decoder is not None and args.decode_processes > 0:
+    processes = args.decode_processes
+    if processes is None:
+        processes = min(4, os.cpu_count() or 1)
+    if decoder is not None and processes > 0:
         from qn_keras.lm.decoder import ParallelLMDecoder
 
-        decoder = ParallelLMDecoder(decoder, processes=args.decode_processes)
+        decoder = ParallelLMDecoder(decoder, processes=processes)
     return decoder
 
 
