@@ -12,6 +12,7 @@ timestamps need no separate alignment.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,6 +27,11 @@ class LMNotInstalled(UserInputError):
     """The `lm` extra (kenlm, pyctcdecode) is missing."""
 
 
+def _quiet_small_vocabulary(record) -> bool:
+    # pyctcdecode warns about word lists under 1,000 words; small domain LMs are legitimate.
+    return "unigrams passed as vocabulary" not in record.getMessage()
+
+
 def _import_decoder_libraries(with_kenlm: bool):
     try:
         kenlm = __import__("kenlm") if with_kenlm else None
@@ -38,6 +44,9 @@ def _import_decoder_libraries(with_kenlm: bool):
             "CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install 'qn-keras[lm]' (kenlm compiles "
             "from source with cmake)"
         ) from None
+    logger = logging.getLogger("pyctcdecode.language_model")
+    if _quiet_small_vocabulary not in logger.filters:
+        logger.addFilter(_quiet_small_vocabulary)
     return kenlm, Alphabet, BeamSearchDecoderCTC, LanguageModel
 
 
