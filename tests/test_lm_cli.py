@@ -126,3 +126,25 @@ def test_tune_refuses_an_lm_the_model_cannot_spell(dev_manifest, tmp_path):
                             "--no-progress"])  # fmt: skip
     assert status == 2 and "outside the model's labels" in err
     assert not Path(tmp_path / "accents" / "decoder.json").exists()
+
+
+def test_long_files_in_chunks_decode_like_the_whole_file(lm_dir, tmp_path):
+    """The chunked long-audio path hands its stitched log-probs (equal to the whole file's, as
+    test_transcribe checks) to the LM search too."""
+    import soundfile as sf
+
+    from qn_keras.lm.decoder import ParallelLMDecoder
+    from serving.recognizer import from_bundle
+    from serving.transcribe import AudioItem, TranscribeOptions, Transcriber
+
+    audio = np.concatenate(su.sample_waveforms()[:4])
+    path = tmp_path / "long.wav"
+    sf.write(path, audio, 16000)
+    recognizer = from_bundle(su.tiny_bundle())
+    options = TranscribeOptions(max_whole_seconds=1.0, chunk_seconds=2.0, context_seconds=1.0,
+                                timestamps=True, keep_logprobs=True)  # fmt: skip
+    with ParallelLMDecoder(LMDecoder(LABELS, lm_dir), processes=1) as decoder:
+        (chunked,) = Transcriber(recognizer, options, decoder=decoder).transcribe([AudioItem(path)])
+    expected = LMDecoder(LABELS, lm_dir).decode(chunked.logprobs)
+    assert chunked.chunks > 1 and chunked.text == expected.text
+    assert chunked.words == expected.words(recognizer.frame_seconds)

@@ -224,6 +224,10 @@ _WORKER_DECODER: list = []
 
 
 def _init_worker(labels, lm_path, settings) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the pool; workers stay quiet.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_DECODER[:] = [LMDecoder(labels, lm_path, settings)]
 
 
