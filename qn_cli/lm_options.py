@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-LM_HELP = """decoding: greedy by default; --beam N for CTC prefix beam search; --lm DIR (an LM
+LM_HELP = """greedy by default; --beam N for CTC prefix beam search; --lm DIR (an LM
 folder from `qn lm build`) for beam search with the n-gram LM, with the folder's tuned
 settings (`qn lm tune`) unless --alpha/--beta/--beam are given"""
 
