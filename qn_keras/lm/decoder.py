@@ -155,6 +155,12 @@ class LMDecoder:
         alphabet = Alphabet([*self.labels, ""], is_bpe=False)
         self._decoder = BeamSearchDecoderCTC(alphabet, language_model)
 
+    def __del__(self):
+        # pyctcdecode keeps each decoder's LM in a class-level dict until told to let it go.
+        decoder = getattr(self, "_decoder", None)
+        if decoder is not None:
+            decoder.cleanup()
+
     @classmethod
     def from_folder(cls, labels, lm_dir, **settings) -> LMDecoder:
         """The folder's tuned settings (``decoder.json``), overridden by those given here
