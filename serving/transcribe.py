@@ -279,8 +279,10 @@ class Transcriber:
     ):
         self.recognizer = recognizer
         self.options = options or TranscribeOptions()
-        # An LM beam search (qn_keras.lm.decoder.LMDecoder), used instead of beam_width.
+        # An LM beam search (qn_keras.lm.decoder.LMDecoder), used instead of beam_width; one in
+        # worker processes (ParallelLMDecoder) is started per file as the model's output comes.
         self.decoder = decoder
+        self._search_elsewhere = hasattr(decoder, "decode_async")
         self.blank_id = len(recognizer.labels)
         cfg = recognizer.featurizer
         self.hop = cfg.hop_length
@@ -374,7 +376,7 @@ class Transcriber:
         finishers = []
         for b, item in enumerate(items):
             args = (item, logprobs[b], int(out_lengths[b]), lengths[b] / rate, texts[b])
-            if hasattr(self.decoder, "decode_async"):  # the search starts now, elsewhere
+            if self._search_elsewhere:
                 future = self.decoder.decode_async(logprobs[b], int(out_lengths[b]))
                 finishers.append(functools.partial(self._finish, *args, decoded=future))
             else:
@@ -505,7 +507,6 @@ class Transcriber:
         # submitted with its model call and runs beside the next ones; results are collected
         # after the last batch.
         deferred = []
-        defer = hasattr(self.decoder, "decode_async")
 
         # Decoding the next batch's audio overlaps with the model running on this one.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -524,7 +525,7 @@ class Transcriber:
                 if good:
                     finishers = self._run_batch([items[i] for i, _ in good], [w for _, w in good])
                     for (index, _), finish in zip(good, finishers, strict=True):
-                        if defer:
+                        if self._search_elsewhere:
                             deferred.append((index, finish))
                         else:
                             done(index, finish())

@@ -4,8 +4,6 @@ acoustically likelier non-word, a hotword), exact frame skipping, timestamps, tu
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_utils import run_qn
 
 from qn_keras.errors import UserInputError
 from qn_keras.lm import corpus
@@ -37,15 +36,6 @@ SENTENCES = [
     "the dog sat on the cat",
     "my cat is on the mat",
 ]
-
-
-def _main(argv):
-    from qn_cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(argv)
-    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +131,7 @@ def test_manifest_text_and_gzip(tmp_path):
 def test_bad_text_is_one_line_and_writes_nothing(tmp_path, content, message):
     text = tmp_path / "text.txt"
     text.write_bytes(content)
-    status, _, err = _main(["lm", "build", "--text", str(text), "--out", str(tmp_path / "lm")])
+    status, _, err = run_qn(["lm", "build", "--text", str(text), "--out", str(tmp_path / "lm")])
     assert status == 2 and message in err and str(text) in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
 
@@ -149,7 +139,7 @@ def test_bad_text_is_one_line_and_writes_nothing(tmp_path, content, message):
 def test_bad_manifest_line_names_the_line(tmp_path):
     manifest = tmp_path / "dev.json"
     manifest.write_text('{"text": "a cat"}\n{"text": \n')
-    status, _, err = _main(["lm", "build", "--text", str(manifest), "--out", str(tmp_path / "x")])
+    status, _, err = run_qn(["lm", "build", "--text", str(manifest), "--out", str(tmp_path / "x")])
     assert status == 2 and f"{manifest}:2" in err and not (tmp_path / "x").exists()
 
 
@@ -214,7 +204,7 @@ def test_missing_kenlm_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     text = tmp_path / "t.txt"
     text.write_text("a cat\n")
-    status, _, err = _main(["lm", "build", "--text", str(text), "--out", str(tmp_path / "lm")])
+    status, _, err = run_qn(["lm", "build", "--text", str(text), "--out", str(tmp_path / "lm")])
     assert status == 2 and "tools/build_kenlm.sh" in err and not (tmp_path / "lm").exists()
 
 
@@ -222,10 +212,10 @@ def test_cli_build_refuses_to_overwrite(tmp_path, lm_dir):
     text = tmp_path / "t.txt"
     text.write_text("a cat\n")
     out = tmp_path / "lm"
-    assert _main(["lm", "build", "--text", str(text), "--out", str(out), "--order", "2"])[0] == 0
-    status, _, err = _main(["lm", "build", "--text", str(text), "--out", str(out)])
+    assert run_qn(["lm", "build", "--text", str(text), "--out", str(out), "--order", "2"])[0] == 0
+    status, _, err = run_qn(["lm", "build", "--text", str(text), "--out", str(out)])
     assert status == 2 and "--overwrite" in err
-    status, stdout, _ = _main(["lm", "build", "--text", str(text), "--out", str(out),
+    status, stdout, _ = run_qn(["lm", "build", "--text", str(text), "--out", str(out),
                                "--overwrite", "--no-binary"])  # fmt: skip
     assert status == 0 and sorted(p.name for p in out.iterdir()) == [
         "lm.arpa", "lm.json", "unigrams.txt"]  # fmt: skip
@@ -271,7 +261,7 @@ def test_words_outside_the_labels_are_refused(lm_dir, tmp_path):
 
 
 def test_a_file_instead_of_a_folder(lm_dir, tmp_path):
-    status, _, err = _main(["lm", "tune", "--model", "m", "--manifest", "d.json",
+    status, _, err = run_qn(["lm", "tune", "--model", "m", "--manifest", "d.json",
                             "--lm", str(lm_dir / "lm.bin")])  # fmt: skip
     assert status == 2 and "--lm takes an LM folder" in err
 

@@ -4,29 +4,19 @@ settings by default and the flags' when given."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import serving_utils as su
+from cli_utils import run_qn
 
 from qn_keras.lm.build import build_lm
 from qn_keras.lm.decoder import DecoderSettings, LMDecoder
 from qn_keras.tokenizer import CharTokenizer
 
 LABELS = CharTokenizer().labels
-
-
-def _main(argv):
-    from qn_cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = main(argv)
-    return status, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def test_transcribe_with_lm_and_timestamps(lm_dir, dev_manifest, tmp_path):
     argv = ["transcribe", "--model", str(su.model_dir()), str(dev_manifest), "--lm",
             str(lm_dir), "--timestamps", "--output", str(out), "--logprobs-dir",
             str(logprobs_dir), "--no-progress"]  # fmt: skip
-    status, stdout, _ = _main(argv)
+    status, stdout, _ = run_qn(argv)
     assert status == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     decoder = LMDecoder(LABELS, lm_dir)
@@ -60,7 +50,7 @@ def test_transcribe_with_lm_and_timestamps(lm_dir, dev_manifest, tmp_path):
     assert [line.split("\t")[1] for line in stdout.splitlines()] == [r["pred_text"] for r in rows]
 
     # Flags override the folder's settings.
-    status, stdout, _ = _main([*argv[:6], "--alpha", "2.5", "--beta", "0", "--beam", "4",
+    status, stdout, _ = run_qn([*argv[:6], "--alpha", "2.5", "--beta", "0", "--beam", "4",
                                "--no-progress"])  # fmt: skip
     assert status == 0
     strong = LMDecoder(LABELS, lm_dir, DecoderSettings(alpha=2.5, beta=0.0, beam_width=4))
@@ -70,10 +60,10 @@ def test_transcribe_with_lm_and_timestamps(lm_dir, dev_manifest, tmp_path):
 
 def test_lm_flags_without_lm_and_bad_lm_are_one_line_errors(dev_manifest, tmp_path):
     base = ["transcribe", "--model", str(su.model_dir()), str(dev_manifest), "--no-progress"]
-    status, _, err = _main([*base, "--alpha", "1"])
+    status, _, err = run_qn([*base, "--alpha", "1"])
     assert status == 2 and "--alpha need --lm DIR" in err
     (tmp_path / "empty").mkdir()
-    status, _, err = _main([*base, "--lm", str(tmp_path / "empty")])
+    status, _, err = run_qn([*base, "--lm", str(tmp_path / "empty")])
     assert status == 2 and "no language model in the folder" in err and err.count("\n") == 1
 
 
@@ -90,7 +80,7 @@ def test_evaluate_and_tune_with_lm(lm_dir, dev_manifest, tmp_path):
 
     folder = tmp_path / "lm"
     shutil.copytree(lm_dir, folder)
-    status, stdout, _ = _main(["lm", "tune", "--model", str(su.model_dir()), "--manifest",
+    status, stdout, _ = run_qn(["lm", "tune", "--model", str(su.model_dir()), "--manifest",
                                str(dev_manifest), "--lm", str(folder), "--alpha", "0,1",
                                "--beta", "0:1:1", "--beam", "8", "--no-progress"])  # fmt: skip
     assert status == 0, stdout
@@ -102,7 +92,7 @@ def test_evaluate_and_tune_with_lm(lm_dir, dev_manifest, tmp_path):
     # evaluate --lm uses the tuned setting: its hypotheses are LMDecoder's over the same
     # log-probs.
     out = tmp_path / "rows.jsonl"
-    status, stdout, _ = _main(["evaluate", "--model", str(su.model_dir()), "--manifest",
+    status, stdout, _ = run_qn(["evaluate", "--model", str(su.model_dir()), "--manifest",
                                str(dev_manifest), "--lm", str(folder), "--output", str(out),
                                "--batch-size", "4", "--no-progress"])  # fmt: skip
     assert status == 0
@@ -121,7 +111,7 @@ def test_tune_refuses_an_lm_the_model_cannot_spell(dev_manifest, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("é ü\n")
     build_lm([text], tmp_path / "accents", order=2, tokenizer=CharTokenizer(["é", "ü", " "]))
-    status, _, err = _main(["lm", "tune", "--model", str(su.model_dir()), "--manifest",
+    status, _, err = run_qn(["lm", "tune", "--model", str(su.model_dir()), "--manifest",
                             str(dev_manifest), "--lm", str(tmp_path / "accents"),
                             "--no-progress"])  # fmt: skip
     assert status == 2 and "outside the model's labels" in err
