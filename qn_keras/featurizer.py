@@ -234,12 +234,17 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         pad_mode = "CONSTANT" if cfg.era == "current" else "REFLECT"
         padded = tf.pad(waveform, [[0, 0], [half, half]], mode=pad_mode)
         frames = tf.signal.frame(padded, cfg.n_fft, cfg.hop_length)  # [B, 1 + S//hop, n_fft]
-        spectrum = tf.signal.rfft(frames * self._fft_window, fft_length=[cfg.n_fft])
-        power = tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
-        mel = self._mel_projection(power)  # [B, T, mels]
-        log_mel = tf.math.log(mel + LOG_ZERO_GUARD)
+        log_mel = self.frames_to_log_mel(frames)
         feature_lengths = tf.minimum(cfg.num_frames(lengths), tf.shape(log_mel)[1])
         return log_mel, feature_lengths
+
+    def frames_to_log_mel(self, frames):
+        """``[batch, frames, n_fft]`` windows of the pre-emphasized waveform to un-normalised
+        log-mel ``[batch, frames, num_mels]`` (the streaming front end frames its own)."""
+        spectrum = tf.signal.rfft(frames * self._fft_window, fft_length=[self.config.n_fft])
+        power = tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
+        mel = self._mel_projection(power)  # [B, T, mels]
+        return tf.math.log(mel + LOG_ZERO_GUARD)
 
     def _mel_projection(self, power):
         # A hook: TFLite export overrides it to keep the filterbank out of int8 quantization.

@@ -100,7 +100,14 @@ def build_model(name: str = "quartznet_5x5", vocabulary_size: int = 29, **overri
 
 
 # QuartzNetCTC arguments that are not per-block lists.
-MODEL_ARGS = ("num_features", "activation", "kernel_size_factor", "se_reduction_ratio", "name")
+MODEL_ARGS = (
+    "num_features",
+    "activation",
+    "kernel_size_factor",
+    "se_reduction_ratio",
+    "lookahead",
+    "name",
+)
 
 
 def resolve_architecture(preset: str | None, overrides: dict) -> dict:

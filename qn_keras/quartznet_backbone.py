@@ -46,6 +46,62 @@ def same_padding(kernel_size: int, stride: int, dilation: int) -> int:
     return dilation * (kernel_size - 1) // 2
 
 
+def lookahead_padding(blocks: dict, kernel_size_factor: float, lookahead: int | None) -> dict:
+    """Right ("future") padding of each time convolution, ``{(block, sub_block): frames}``, for
+    a model that may look ``lookahead`` feature frames (10 ms) ahead in all; ``None`` means
+    NeMo's symmetric padding (full context, not streamable with state).
+
+    The budget is dealt one frame at a time, round-robin from the first convolution, to the
+    convolutions that still have symmetric room; a frame of a convolution after a stride-2
+    block costs 2 feature frames. The left padding takes the rest, so every convolution keeps
+    its kernel and output length and each output sees mostly the past (the streaming
+    option of issue 15: with state, chunked inference then equals offline inference).
+    """
+    if lookahead is None:
+        return {}
+    lookahead = int(lookahead)
+    if lookahead < 0:
+        raise ValueError(f"lookahead must be >= 0 feature frames or None. Received: {lookahead}")
+    if any(blocks["stackwise_se"]):
+        raise ValueError(
+            "lookahead cannot be combined with squeeze-and-excitation (stackwise_se): its "
+            "global average sees the whole utterance."
+        )
+    convs = []  # (key, room, cost in feature frames per frame of right padding)
+    rate = 1
+    for i, kernel in enumerate(blocks["stackwise_kernel_sizes"]):
+        kernel = scale_kernel_size(kernel, kernel_size_factor)
+        repeats = blocks["stackwise_repeats"][i]
+        for j in range(repeats):
+            pad = same_padding(kernel, 1, blocks["stackwise_dilations"][i])
+            if pad:
+                convs.append(((i, j), pad, rate))
+            if j == repeats - 1:
+                rate *= blocks["stackwise_strides"][i]
+    right = {key: 0 for key, _, _ in convs}
+    budget = lookahead
+    progress = True
+    while progress:
+        progress = False
+        for key, room, cost in convs:
+            if right[key] < room and cost <= budget:
+                right[key] += 1
+                budget -= cost
+                progress = True
+    return right
+
+
+def total_lookahead(blocks: dict, kernel_size_factor: float, lookahead: int | None) -> int:
+    """Feature frames the encoder looks ahead with :func:`lookahead_padding`'s padding."""
+    right = lookahead_padding(blocks, kernel_size_factor, lookahead)
+    total, rate = 0, 1
+    for i, repeats in enumerate(blocks["stackwise_repeats"]):
+        for j in range(repeats):
+            total += right.get((i, j), 0) * rate
+        rate *= blocks["stackwise_strides"][i]
+    return total
+
+
 def normalize_block_lists(**stackwise) -> dict:
     """Checks the per-block lists and fills optional ones with NeMo's defaults."""
     filters = stackwise.get("stackwise_filters")
@@ -111,6 +167,7 @@ def build_encoder_graph(
     activation: str = "relu",
     kernel_size_factor: float = 1.0,
     se_reduction_ratio: int = 8,
+    lookahead: int | None = None,
     **stackwise,
 ):
     """Builds the encoder on Keras symbolic inputs; returns ``(encoded, encoded_lengths)``.
@@ -123,6 +180,7 @@ def build_encoder_graph(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}. Received: {activation!r}")
     blocks = normalize_block_lists(**stackwise)
+    right_padding = lookahead_padding(blocks, kernel_size_factor, lookahead)
     x = tf.keras.layers.Reshape((-1, 1, num_features), name="to_height1")(features)
     # NeMo's `xs`: the encoder input plus each dense-residual block's output.
     dense_inputs = [x]
@@ -139,7 +197,14 @@ def build_encoder_graph(
         block_lengths = lengths
         kernel = scale_kernel_size(cfg["kernel_sizes"], kernel_size_factor)
         out, lengths = _main_branch(
-            block_input, lengths, i, cfg, kernel, channels_in, activation, se_reduction_ratio
+            block_input,
+            lengths,
+            i,
+            cfg,
+            kernel,
+            activation,
+            se_reduction_ratio,
+            [right_padding.get((i, j)) for j in range(cfg["repeats"])],
         )
         if cfg["residual"]:
             sources = dense_inputs if panes else [block_input]
@@ -169,8 +234,9 @@ def _batch_norm(name):
     return tf.keras.layers.BatchNormalization(epsilon=1e-3, momentum=0.9, name=name)
 
 
-def _main_branch(x, lengths, i, cfg, kernel, channels_in, activation, se_reduction_ratio):
-    """R sub-blocks: [mask, pad, (depthwise, mask,) pointwise/conv, BN, shuffle], act between."""
+def _main_branch(x, lengths, i, cfg, kernel, activation, se_reduction_ratio, right_padding):
+    """R sub-blocks: [mask, pad, (depthwise, mask,) pointwise/conv, BN, shuffle], act between.
+    ``right_padding[j]``: sub-block j's future padding, None for symmetric."""
     for j in range(cfg["repeats"]):
         prefix = f"block_{i}_sub_{j}"
         # NeMo's `stride_last`: a strided block strides only its last sub-block (ContextNet
@@ -180,7 +246,11 @@ def _main_branch(x, lengths, i, cfg, kernel, channels_in, activation, se_reducti
         pad = same_padding(kernel, stride, dilation)
         x = SequenceMask(name=f"{prefix}_mask")([x, lengths])
         if pad:
-            x = tf.keras.layers.ZeroPadding2D(((pad, pad), (0, 0)), name=f"{prefix}_pad")(x)
+            # Asymmetric padding keeps the total (so kernel and lengths are unchanged).
+            right = pad if right_padding[j] is None else right_padding[j]
+            x = tf.keras.layers.ZeroPadding2D(
+                ((2 * pad - right, right), (0, 0)), name=f"{prefix}_pad"
+            )(x)
         if cfg["separable"]:
             x = tf.keras.layers.DepthwiseConv2D(
                 (kernel, 1),
@@ -261,6 +331,8 @@ class QuartzNetBackbone(tf.keras.Model):
         activation: "relu" (QuartzNet) or "swish" (ContextNet style).
         kernel_size_factor: scales every kernel, rounded to odd sizes.
         se_reduction_ratio: squeeze-and-excitation bottleneck ratio.
+        lookahead: feature frames (10 ms) the encoder may see ahead in all, for stateful
+            streaming (:func:`lookahead_padding`); None (default): NeMo's symmetric padding.
 
     Example:
         >>> backbone = QuartzNetBackbone(stackwise_filters=[32, 32],
@@ -289,6 +361,7 @@ class QuartzNetBackbone(tf.keras.Model):
         activation="relu",
         kernel_size_factor=1.0,
         se_reduction_ratio=8,
+        lookahead=None,
         **kwargs,
     ):
         block_args = normalize_block_lists(
@@ -312,6 +385,7 @@ class QuartzNetBackbone(tf.keras.Model):
             activation=activation,
             kernel_size_factor=kernel_size_factor,
             se_reduction_ratio=se_reduction_ratio,
+            lookahead=lookahead,
             **block_args,
         )
         super().__init__(inputs=[features, lengths], outputs=[encoded, encoded_lengths], **kwargs)
@@ -320,6 +394,7 @@ class QuartzNetBackbone(tf.keras.Model):
         self.activation = activation
         self.kernel_size_factor = kernel_size_factor
         self.se_reduction_ratio = se_reduction_ratio
+        self.lookahead = lookahead
 
     def get_config(self):
         return {
@@ -330,6 +405,7 @@ class QuartzNetBackbone(tf.keras.Model):
             "activation": self.activation,
             "kernel_size_factor": self.kernel_size_factor,
             "se_reduction_ratio": self.se_reduction_ratio,
+            "lookahead": self.lookahead,
         }
 
     @classmethod

@@ -24,7 +24,8 @@ class QuartzNetCTC(tf.keras.Model):
 
     Args:
         vocabulary_size: output classes including the blank (29 for NeMo's English labels).
-        **backbone_kwargs: the :class:`QuartzNetBackbone` arguments.
+        **backbone_kwargs: the :class:`QuartzNetBackbone` arguments (``lookahead`` among
+            them: a model for stateful streaming).
 
     Example:
         >>> from qn_keras.presets import build_model
@@ -44,6 +45,7 @@ class QuartzNetCTC(tf.keras.Model):
         activation="relu",
         kernel_size_factor=1.0,
         se_reduction_ratio=8,
+        lookahead=None,
         **kwargs,
     ):
         stackwise = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("stackwise_")}
@@ -64,6 +66,7 @@ class QuartzNetCTC(tf.keras.Model):
             activation=activation,
             kernel_size_factor=kernel_size_factor,
             se_reduction_ratio=se_reduction_ratio,
+            lookahead=lookahead,
             **block_args,
         )
         logits = tf.keras.layers.Dense(
@@ -80,6 +83,7 @@ class QuartzNetCTC(tf.keras.Model):
         self.activation = activation
         self.kernel_size_factor = kernel_size_factor
         self.se_reduction_ratio = se_reduction_ratio
+        self.lookahead = lookahead
 
     @property
     def blank_id(self) -> int:
@@ -95,6 +99,7 @@ class QuartzNetCTC(tf.keras.Model):
             "activation": self.activation,
             "kernel_size_factor": self.kernel_size_factor,
             "se_reduction_ratio": self.se_reduction_ratio,
+            "lookahead": self.lookahead,
         }
 
     @classmethod

@@ -42,6 +42,8 @@ HYPERPARAMETERS = {
     "kernel_factor": float,
     "dropout": float,
     "learning_rate": float,
+    # Feature frames the encoder may look ahead (a stateful-streaming model); -1: full context.
+    "lookahead": int,
 }
 NUM_B_GROUPS = 5
 
@@ -87,6 +89,7 @@ DEFAULT_SPACE = {
     "kernel_factor": [0.5, 0.75, 1.0],
     "dropout": {"min": 0.0, "max": 0.2, "step": 0.05},
     "learning_rate": {"min": 0.002, "max": 0.05, "sampling": "log"},
+    "lookahead": -1,
 }
 
 
@@ -377,6 +380,11 @@ def _check_values(params: dict):
                 raise ConfigError(f"space.{name} values must be >= 1. Received: {v}")
             if name in ("width", "kernel_factor", "learning_rate") and v <= 0:
                 raise ConfigError(f"space.{name} values must be > 0. Received: {v}")
+            if name == "lookahead" and v < -1:
+                raise ConfigError(
+                    f"space.lookahead values must be >= 0 feature frames, or -1 for full "
+                    f"context. Received: {v}"
+                )
             if name == "dropout" and not 0.0 <= v < 1.0:
                 raise ConfigError(f"space.dropout values must be in [0, 1). Received: {v}")
     blocks = params["blocks"]

@@ -6,7 +6,8 @@ B1..B5 repeated B/5 times; ``repeats`` R is the sub-blocks per B-block; ``groups
 B-blocks' pointwise convolutions (as the ``_g2``/``_g4`` presets do); ``width`` scales every
 encoder block's channels (rounded to a multiple of ``channel_divisor`` and of the groups);
 ``kernel_factor`` scales every kernel, rounded to an odd size by :class:`QuartzNetCTC`
-(NeMo's ``kernel_size_factor``); ``dropout`` is every block's dropout.
+(NeMo's ``kernel_size_factor``); ``dropout`` is every block's dropout; ``lookahead`` (feature
+frames, -1 for full context) makes a model for stateful streaming.
 """
 
 from __future__ import annotations
@@ -77,12 +78,17 @@ def architecture(values: dict, space: SpaceConfig) -> dict:
     ]
     kwargs["stackwise_dropout"] = [float(values["dropout"])] * n
     kwargs["kernel_size_factor"] = float(values["kernel_factor"])
+    if int(values.get("lookahead", -1)) >= 0:
+        kwargs["lookahead"] = int(values["lookahead"])
     return kwargs
 
 
 def describe(values: dict) -> str:
     """A short name for a trial's architecture, e.g. ``10x3 g2 w0.75 k0.5``."""
-    return (
+    name = (
         f"{int(values['blocks'])}x{int(values['repeats'])} g{int(values['groups'])} "
         f"w{float(values['width']):g} k{float(values['kernel_factor']):g}"
     )
+    if int(values.get("lookahead", -1)) >= 0:
+        name += f" la{int(values['lookahead'])}"
+    return name

@@ -1,0 +1,168 @@
+"""How streaming normalizes features it cannot see the end of.
+
+The featurizer normalizes each mel band by the utterance's own mean and standard deviation
+(NeMo's ``per_feature``), which needs the whole utterance. A stream has three other rules
+(:data:`RULES`); ``bench/bench_streaming.py`` measures what each costs in WER:
+
+- ``running``: the statistics of every frame heard so far, right context included, updated a
+  chunk at a time. Needs nothing from training; tends to the offline rule as the stream goes
+  on. Buffered mode only: it depends on how the stream was chunked.
+- ``fixed``: a :class:`FeaturePrior` estimated from training audio (the average utterance's
+  per-band mean and variance), never updated.
+- ``adaptive``: the prior blended with the frames heard up to and including each frame, the
+  prior counting as ``prior_frames`` frames: frame ``t`` uses
+  ``mean_t = (N0*mu0 + sum_{s<=t} x_s) / (N0 + t + 1)`` and the matching second moment. It
+  starts at the prior and follows the speaker's level as the stream goes on. Frame-causal, so
+  the result does not depend on chunking (stateful mode can equal offline inference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import numpy as np
+
+from qn_keras.errors import UserInputError
+from qn_keras.featurizer import NORM_EPSILON, FeatureStatistics
+
+RULES = ("running", "adaptive", "fixed")
+# Metadata key of a model folder's prior (qn_model.json "metadata").
+METADATA_KEY = "feature_prior"
+DEFAULT_PRIOR_FRAMES = 300.0  # 3 s of audio
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePrior:
+    """Per-band mean and standard deviation of un-normalized log-mel frames, as the average
+    training utterance has them (means of the per-utterance means and variances)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    utterances: int = 0
+
+    def __post_init__(self):
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise UserInputError("A feature prior needs one mean and one std per mel band.")
+        if not all(np.isfinite(self.mean)) or not all(s > 0 for s in self.std):
+            raise UserInputError("A feature prior needs finite means and positive stds.")
+
+    @property
+    def num_mels(self) -> int:
+        return len(self.mean)
+
+    def to_dict(self) -> dict:
+        return {
+            "mean": [round(float(v), 6) for v in self.mean],
+            "std": [round(float(v), 6) for v in self.std],
+            "utterances": int(self.utterances),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeaturePrior:
+        try:
+            return cls(
+                tuple(float(v) for v in data["mean"]),
+                tuple(float(v) for v in data["std"]),
+                int(data.get("utterances", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserInputError(f"Bad feature prior {str(data)[:80]}: {e}") from None
+
+
+def estimate_prior(log_mels: Iterable[np.ndarray]) -> FeaturePrior:
+    """The prior of un-normalized log-mel utterances ``[frames, num_mels]``: per band, the mean
+    of the utterances' means and the square root of the mean of their (unbiased) variances."""
+    means, variances = [], []
+    for frames in log_mels:
+        frames = np.asarray(frames, dtype=np.float64)
+        if len(frames) < 2:
+            continue
+        means.append(frames.mean(axis=0))
+        variances.append(frames.var(axis=0, ddof=1))
+    if not means:
+        raise UserInputError("No utterance of two frames or more to estimate a feature prior.")
+    return FeaturePrior(
+        tuple(np.mean(means, axis=0)), tuple(np.sqrt(np.mean(variances, axis=0))), len(means)
+    )
+
+
+def prior_from_metadata(metadata: dict) -> FeaturePrior | None:
+    data = (metadata or {}).get(METADATA_KEY)
+    return FeaturePrior.from_dict(data) if data else None
+
+
+class Normalizer:
+    """Normalizes blocks of un-normalized log-mel frames of one stream, in order.
+
+    ``add(frames)`` records frames as they are heard (only ``running`` uses them);
+    ``normalize(frames, first)`` normalizes frames ``[first, first + len)`` of the stream with
+    what the rule allows (for ``adaptive``, frames must have been added up to the last one).
+    """
+
+    def __init__(
+        self,
+        rule: str,
+        num_mels: int,
+        prior: FeaturePrior | None = None,
+        prior_frames: float = DEFAULT_PRIOR_FRAMES,
+    ):
+        if rule not in RULES:
+            raise UserInputError(f"Unknown normalization {rule!r}; choose from {RULES}.")
+        if rule != "running" and prior is None:
+            raise UserInputError(
+                f"Streaming normalization {rule!r} needs the model's feature prior (the "
+                "average training utterance's statistics), which this model folder lacks: add "
+                "it with `qn model prior MODEL AUDIO...`, or use --normalization running."
+            )
+        if prior is not None and prior.num_mels != num_mels:
+            raise UserInputError(
+                f"The feature prior has {prior.num_mels} bands; the model has {num_mels}."
+            )
+        if prior_frames <= 0:
+            raise UserInputError(f"prior_frames must be > 0. Received: {prior_frames}")
+        self.rule = rule
+        self.prior = prior
+        self.prior_frames = float(prior_frames)
+        self.running = FeatureStatistics(num_mels)
+        # adaptive: _cum[k][i] sums (x - mu0)**(k+1) over stream frames [0, _base + i)
+        self._mu0 = np.asarray(prior.mean if prior else np.zeros(num_mels), np.float64)
+        self._var0 = np.asarray(prior.std if prior else np.ones(num_mels), np.float64) ** 2
+        self._cum = [np.zeros((1, num_mels)), np.zeros((1, num_mels))]
+        self._base = 0
+        self.added = 0
+
+    def add(self, frames: np.ndarray) -> None:
+        frames = np.asarray(frames, np.float64)
+        self.running.add(frames)
+        if self.rule == "adaptive":
+            d = frames - self._mu0
+            for k, values in enumerate((d, d * d)):
+                last = self._cum[k][-1:]
+                self._cum[k] = np.concatenate([self._cum[k], last + np.cumsum(values, axis=0)])
+        self.added += len(frames)
+
+    def forget_before(self, frame: int) -> None:
+        """Drops adaptive sums that no later ``normalize`` (of frames >= ``frame``) needs."""
+        drop = min(frame, self.added) - self._base
+        if self.rule == "adaptive" and drop > 0:
+            self._cum = [c[drop:] for c in self._cum]
+            self._base += drop
+
+    def normalize(self, frames: np.ndarray, first: int) -> np.ndarray:
+        frames = np.asarray(frames, np.float64)
+        if self.rule == "running":
+            return self.running.normalize(frames.astype(np.float32))
+        if self.rule == "fixed":
+            mean, std = self._mu0, np.sqrt(self._var0)
+        else:
+            index = np.arange(first, first + len(frames))
+            rows = index + 1 - self._base  # inclusive sums up to each frame
+            if len(rows) and (rows[0] < 1 or rows[-1] >= len(self._cum[0])):
+                raise RuntimeError("adaptive normalization asked for frames it has not kept")
+            count = (self.prior_frames + index + 1)[:, None]
+            shift = self._cum[0][rows] / count
+            second = (self.prior_frames * self._var0 + self._cum[1][rows]) / count
+            mean = self._mu0 + shift
+            std = np.sqrt(np.maximum(second - shift**2, 0.0))
+        return ((frames - mean) / (std + NORM_EPSILON)).astype(np.float32)
