@@ -17,6 +17,9 @@ Signatures (see :class:`ServingModule`):
   ``[batch, frames, vocabulary]`` and ``logprob_lengths`` int32 ``[batch]`` out.
 - ``transcribe_wav``: ``wav_bytes`` string ``[batch]`` (whole WAV files: PCM 8/16/24/32-bit or
   float, any rate, any channel count) in, the same outputs.
+- ``stream_step`` (models trained with a ``lookahead``): one chunk of live audio and the
+  client-held stream state in, log-probs, text so far and the new state out
+  (:mod:`serving.streaming`); with TFLite modes also ``tflite/stream_float32.tflite``.
 
 Everything runs in the graph with stock TensorFlow ops (checked against :data:`STOCK_OPS`
 after saving), so the version folder serves unchanged in the official ``tensorflow/serving``
@@ -54,7 +57,7 @@ EXPORT_FORMAT = "qn-keras-serving"
 STOCK_OPS = frozenset(
     """
     Abs Add AddN AddV2 All Any ArgMax AsString Assert AssignVariableOp BatchMatMulV2
-    BatchToSpaceND BesselI0 BiasAdd BroadcastTo Case Cast Ceil ConcatV2 Const Conv2D Cos
+    BatchToSpaceND BesselI0 BiasAdd BroadcastTo Case Cast Ceil ConcatV2 Const Conv2D Cos Cumsum
     DecodeRaw DepthwiseConv2dNative DisableCopyOnRead Equal Exp ExpandDims Fill Floor FloorDiv
     FakeQuantWithMinMaxVars FakeQuantWithMinMaxVarsPerChannel
     FloorMod FusedBatchNormV3 GatherV2 Greater GreaterEqual Identity IdentityN If Imag IsFinite
@@ -109,6 +112,15 @@ class ServingModule(SpeechRecognizer):
     checks of ``serving_default``.
     """
 
+    def __init__(self, bundle, name=None):
+        super().__init__(bundle, name=name)
+        from serving.streaming import stream_model_for, text_step_function
+
+        # Models trained with a lookahead also get the stream_step signature.
+        self.streamer = stream_model_for(bundle)
+        if self.streamer is not None:
+            self.stream_step = text_step_function(self.streamer, self.labels)
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=WAV_INPUT)])
     def transcribe_wav(self, wav_bytes):
         waveform, lengths = decode_wav_batch(wav_bytes, self.sample_rate)
@@ -116,10 +128,13 @@ class ServingModule(SpeechRecognizer):
 
 
 def serving_signatures(module: ServingModule) -> dict:
-    return {
+    signatures = {
         "serving_default": module.serving_default.get_concrete_function(),
         "transcribe_wav": module.transcribe_wav.get_concrete_function(),
     }
+    if module.streamer is not None:
+        signatures["stream_step"] = module.stream_step.get_concrete_function()
+    return signatures
 
 
 def saved_model_ops(path) -> set[str]:
@@ -164,7 +179,7 @@ def encode_wav(waveform: np.ndarray, sample_rate: int, subtype: str = "PCM_16") 
     return buffer.getvalue()
 
 
-def warmup_requests(model_name: str, sample_rate: int) -> list:
+def warmup_requests(model_name: str, sample_rate: int, streamer=None) -> list:
     """PredictRequests for both signatures: TF Serving runs them before serving traffic, so
     the first real request does not pay for graph initialization."""
     from tensorflow_serving.apis import predict_pb2
@@ -182,7 +197,17 @@ def warmup_requests(model_name: str, sample_rate: int) -> list:
     wav.model_spec.signature_name = "transcribe_wav"
     files = [encode_wav(waveform, sample_rate), encode_wav(_synthetic_waveform(0.5, 44100), 44100)]
     wav.inputs[WAV_INPUT].CopyFrom(tf.make_tensor_proto(files, dtype=tf.string))
-    return [default, wav]
+    requests = [default, wav]
+    if streamer is not None:
+        from serving.streaming import STREAM_SIGNATURE, stream_warmup_inputs
+
+        stream = predict_pb2.PredictRequest()
+        stream.model_spec.name = model_name
+        stream.model_spec.signature_name = STREAM_SIGNATURE
+        for key, value in stream_warmup_inputs(streamer).items():
+            stream.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        requests.append(stream)
+    return requests
 
 
 def write_warmup_file(path, requests) -> None:
@@ -273,7 +298,8 @@ def export_model(
         extra = tmp / "assets.extra"
         extra.mkdir()
         if warmup:
-            write_warmup_file(extra / WARMUP_FILE, warmup_requests(name, module.sample_rate))
+            requests = warmup_requests(name, module.sample_rate, module.streamer)
+            write_warmup_file(extra / WARMUP_FILE, requests)
         meta = {
             "format": EXPORT_FORMAT,
             "name": name,
@@ -289,11 +315,23 @@ def export_model(
             },
             "metadata": bundle.metadata,
         }
+        if module.streamer is not None:
+            from serving.streaming import stream_metadata
+
+            meta["streaming"] = stream_metadata(module.streamer)
+            meta["signatures"]["stream_step"] = {
+                "inputs": meta["streaming"]["inputs"],
+                "outputs": meta["streaming"]["outputs"],
+            }
         files.write_json(extra / METADATA_FILE, meta)
         if tflite_modes:
             from serving.tflite import convert_tflite
 
             convert_tflite(bundle, tmp / TFLITE_DIR, tflite_modes)
+            if module.streamer is not None:
+                from serving.streaming import convert_stream_tflite
+
+                convert_stream_tflite(bundle, tmp / TFLITE_DIR)
     files.write_text(model_base / MODELS_CONFIG, models_config_text(name))
     files.write_text(model_base / BATCHING_FILE, (batching or BatchingParameters()).to_text())
     return target

@@ -35,6 +35,9 @@ class Recognizer:
     # The tf.Module or loaded SavedModel the functions belong to: bound tf.functions hold only
     # a weak reference to it.
     owner: object = None
+    # The model folder's bundle, or an export's qn_export.json (streaming reads them).
+    bundle: object = None
+    export_meta: dict | None = None
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -61,6 +64,7 @@ def from_bundle(bundle, source: str = "<in memory>") -> Recognizer:
         stride=module.stride,
         source=source,
         owner=module,
+        bundle=bundle,
     )
 
 
@@ -85,6 +89,7 @@ def _from_export(version_dir: Path) -> Recognizer:
         stride=int(stride),
         source=str(version_dir),
         owner=loaded,
+        export_meta=meta,
     )
 
 

@@ -253,8 +253,8 @@ class StatefulEngine:
         self.cfg = featurizer
         self.lookahead_seconds = float(info["lookahead_seconds"])
         self.chunk = int(info.get("chunk_samples") or 0) or max(
-            self.granule, round(settings.chunk_seconds * featurizer.sample_rate / self.granule)
-            * self.granule
+            self.granule,
+            round(settings.chunk_seconds * featurizer.sample_rate / self.granule) * self.granule,
         )
         self.state = np.zeros([1, int(info["state_size"])], np.float32)
         self.counters = np.zeros([1, int(info["counters"])], np.int32)
@@ -395,10 +395,16 @@ class StreamingRecognizer:
         prior = prior or prior_from_metadata(bundle.metadata)
         mode = settings.mode
         if mode == "auto":
-            mode = "stateful" if getattr(bundle.model, "lookahead", None) is not None else "buffered"
+            mode = (
+                "stateful" if getattr(bundle.model, "lookahead", None) is not None else "buffered"
+            )
         if mode == "stateful":
             step, info = stream_step_of(bundle, settings, prior)
-            return cls(StatefulEngine(step, info, bundle.featurizer, settings), bundle.tokenizer.labels, settings)
+            return cls(
+                StatefulEngine(step, info, bundle.featurizer, settings),
+                bundle.tokenizer.labels,
+                settings,
+            )
         module = SpeechRecognizer(bundle)
         engine = BufferedEngine(
             module.log_mel, module.encode, bundle.featurizer, module.stride, settings, prior

@@ -50,10 +50,12 @@ import tensorflow as tf
 from qn_keras import files
 from qn_keras.choices import HEAD_LAYER
 from qn_keras.data import reader
+from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeaturizerConfig
 from qn_keras.model_dir import ModelBundle, is_model_dir, load_model_dir, save_model_dir
 from qn_keras.presets import build_from_architecture, with_vocabulary
 from qn_keras.quartznet_ctc import find_layer
+from qn_keras.streaming.normalization import METADATA_KEY as PRIOR_KEY
 from qn_keras.tokenizer import CharTokenizer
 from qn_keras.training import data as data_lib
 from qn_keras.training.augment import augment_batch
@@ -620,6 +622,17 @@ class Trainer:
             return meta.get("metadata", {}).get("best")
         return None
 
+    def _feature_prior(self, bundle):
+        """The training audio's feature prior, for streaming (qn_keras.streaming): estimated
+        from the source files of up to 200 training records; None (said) if unreadable."""
+        from qn_keras.streaming.prior import training_prior
+
+        try:
+            return training_prior(self.train_data.path, bundle.featurizer_layer())
+        except (UserInputError, OSError, tf.errors.OpError) as e:
+            self._say(f"No feature prior for streaming ({e}); add one with `qn model prior`.")
+            return None
+
     def _export(self, best) -> Path:
         """The best model (or the last one without validation) as ``out_dir/model``."""
         best_path = self.checkpoint_dir / BEST_DIR
@@ -633,9 +646,11 @@ class Trainer:
             "config": self.config.to_dict(),
             "train_data": self.train_data.description,
         }
-        path = save_model_dir(
-            self.out_dir / MODEL_DIR, self._bundle(model, metadata), serving=self.export_serving
-        )
+        bundle = self._bundle(model, metadata)
+        prior = self._feature_prior(bundle)
+        if prior is not None:
+            metadata[PRIOR_KEY] = prior.to_dict()
+        path = save_model_dir(self.out_dir / MODEL_DIR, bundle, serving=self.export_serving)
         self._say(f"Model written to {path}" + (f" (best WER {best['wer']:.2%})" if best else ""))
         return path
 
