@@ -148,6 +148,21 @@ def decode_rest_response(body: dict) -> Prediction:
     return Prediction(transcripts, logprobs, lengths)
 
 
+def rest_outputs(body: dict) -> dict:
+    """Every output of a columnar predict response, as numpy arrays (strings as str)."""
+    if "error" in body:
+        raise ServingError("error", body["error"])
+    if "outputs" not in body:
+        raise ServingError("bad_response", f"No 'outputs' in {list(body)}")
+    out = {}
+    for name, value in body["outputs"].items():
+        if isinstance(value, list) and value and isinstance(value[0], str | dict):
+            out[name] = np.asarray([_from_b64(v) for v in value], dtype=object)
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
 class RestClient:
     """TF Serving REST predict client.
 
@@ -211,6 +226,10 @@ class RestClient:
     def transcribe_wav(self, files: Sequence[bytes]) -> Prediction:
         request = build_rest_request(WAV_SIGNATURE, wav_inputs(files), self.row_format)
         return decode_rest_response(self.predict(request))
+
+    def predict_outputs(self, signature_name: str, inputs: dict) -> dict:
+        """Any signature (columnar request); its outputs as numpy arrays."""
+        return rest_outputs(self.predict(build_rest_request(signature_name, inputs)))
 
     def transcribe_waveforms(self, waveforms: Sequence[np.ndarray]) -> Prediction:
         request = build_rest_request(
@@ -301,6 +320,14 @@ class GrpcClient:
         request = build_grpc_request(self.model, WAV_SIGNATURE, wav_inputs(files), self.version)
         return decode_grpc_response(self.predict(request))
 
+    def predict_outputs(self, signature_name: str, inputs: dict) -> dict:
+        """Any signature; its outputs as numpy arrays."""
+        import tensorflow as tf
+
+        request = build_grpc_request(self.model, signature_name, inputs, self.version)
+        response = self.predict(request)
+        return {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+
     def transcribe_waveforms(self, waveforms: Sequence[np.ndarray]) -> Prediction:
         request = build_grpc_request(
             self.model, WAVEFORM_SIGNATURE, waveform_inputs(waveforms), self.version
@@ -312,3 +339,22 @@ class GrpcClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+class RemoteStreamStep:
+    """A server's ``stream_step`` as a stream step for
+    :class:`~qn_keras.streaming.recognizer.StatefulEngine`: the client keeps the state and
+    sends it with every chunk, so the server holds nothing between calls."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __call__(self, audio, state, counters, end) -> dict:
+        inputs = {
+            "audio": np.asarray(audio, np.float32),
+            "state": np.asarray(state, np.float32),
+            "counters": np.asarray(counters, np.int32),
+            "end": np.asarray(end, np.int32),
+            "text": [b""] * len(audio),
+        }
+        return self.client.predict_outputs("stream_step", inputs)

@@ -52,7 +52,9 @@ def stream_model_for(bundle, check: bool = True) -> StreamingModel | None:
     )
 
 
-def stream_specs(state_size: int, batch: int | None = None, samples: int | None = None):
+def stream_specs(state_size: int | None, batch: int | None = None, samples: int | None = None):
+    """The step's inputs; ``state_size`` None leaves the state's width free (an empty state
+    starts a stream; a wrong width is refused by the step's own check)."""
     return [
         tf.TensorSpec([batch, samples], tf.float32, name="audio"),
         tf.TensorSpec([batch, state_size], tf.float32, name="state"),
@@ -72,7 +74,7 @@ def text_step_function(streamer: StreamingModel, labels):
         out["text"] = text + tf.strings.reduce_join(chars, axis=1)
         return out
 
-    specs = stream_specs(streamer.state_size)
+    specs = stream_specs(None)
     specs.append(tf.TensorSpec([None], tf.string, name="text"))
     return tf.function(stream_step, input_signature=specs)
 

@@ -152,12 +152,14 @@ def nemo_features(waveforms, lengths, era: str = "current", filterbank=None):
 
 
 def conv1d(x, weight, stride=1, dilation=1, padding=0, groups=1):
-    """PyTorch `Conv1d` semantics, no bias. `x` `[C_in, T]`, `weight` `[C_out, C_in/groups, K]`."""
+    """PyTorch `Conv1d` semantics, no bias. `x` `[C_in, T]`, `weight` `[C_out, C_in/groups, K]`.
+    `padding`: zeros on each side, or `(left, right)`."""
     c_in, length = x.shape
     c_out, c_in_g, kernel = weight.shape
     assert c_in == c_in_g * groups, (c_in, c_in_g, groups)
-    xp = np.concatenate([np.zeros((c_in, padding)), x, np.zeros((c_in, padding))], axis=1)
-    t_out = (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    left, right = padding if isinstance(padding, tuple) else (padding, padding)
+    xp = np.concatenate([np.zeros((c_in, left)), x, np.zeros((c_in, right))], axis=1)
+    t_out = (length + left + right - dilation * (kernel - 1) - 1) // stride + 1
     out = np.zeros((c_out, t_out))
     c_out_g = c_out // groups
     for g in range(groups):
@@ -212,7 +214,9 @@ def _conv_torch(kernel):
     return np.transpose(kernel[:, 0], (2, 1, 0))
 
 
-def quartznet_forward(features, config: dict, weights: dict, stride_on: str = "last"):
+def quartznet_forward(
+    features, config: dict, weights: dict, stride_on: str = "last", right_padding=None
+):
     """NeMo ConvASREncoder + ConvASRDecoder on ONE unpadded utterance, in float64.
 
     Args:
@@ -249,14 +253,17 @@ def quartznet_forward(features, config: dict, weights: dict, stride_on: str = "l
         for j in range(repeats):
             s = stride if j == (0 if stride_on == "first" else repeats - 1) else 1
             name = f"block_{i}_sub_{j}"
+            pad = padding
+            if right_padding and (i, j) in right_padding:
+                pad = (2 * padding - right_padding[(i, j)], right_padding[(i, j)])
             if separable:
                 dw = _depthwise_torch(weights[f"{name}_depthwise"][0])
-                out = conv1d(out, dw, s, dilation, padding, groups=out.shape[0])
+                out = conv1d(out, dw, s, dilation, pad, groups=out.shape[0])
                 pw = _conv_torch(weights[f"{name}_pointwise"][0])
                 out = conv1d(out, pw, groups=groups)
             else:
                 w = _conv_torch(weights[f"{name}_conv"][0])
-                out = conv1d(out, w, s, dilation, padding, groups=groups)
+                out = conv1d(out, w, s, dilation, pad, groups=groups)
             out = batch_norm(out, *weights[f"{name}_bn"])
             if groups > 1:
                 out = group_shuffle(out, groups)

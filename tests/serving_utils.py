@@ -116,6 +116,10 @@ def sample_items(count: int = 8) -> list[dict]:
     return lines[:count]
 
 
+def sample_paths(count: int = 8) -> list[str]:
+    return [item["audio_filepath"] for item in sample_items(count)]
+
+
 @functools.cache
 def sample_waveforms(count: int = 8) -> tuple:
     from qn_keras.audio import decode_audio

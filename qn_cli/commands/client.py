@@ -10,13 +10,19 @@ transcript, or with --lm DIR (or --beam N) decoded here from the log-probs the s
 with the labels the LM was built for (--labels FILE to say otherwise).
 
     qn client --url http://127.0.0.1:8501 --model qn --lm lms/en-4 a.wav
+
+With --stream FILE (or - for raw 16-bit PCM on standard input) the audio goes to the
+model's `stream_step` signature a chunk at a time (models trained with a lookahead), the
+stream's state travelling with each request, and the text is shown as it comes:
+
+    qn client --url http://127.0.0.1:8501 --model qn --stream clip.wav
 """
 
 from __future__ import annotations
 
 import argparse
 
-from qn_cli import lm_options
+from qn_cli import lm_options, streaming
 
 
 def register(subparsers):
@@ -26,7 +32,7 @@ def register(subparsers):
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("files", nargs="+", metavar="FILE")
+    parser.add_argument("files", nargs="*", metavar="FILE")
     parser.add_argument("--url", default="http://127.0.0.1:8501", help="REST root URL")
     parser.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC at HOST:PORT instead")
     parser.add_argument("--model", required=True, help="model name")
@@ -40,7 +46,30 @@ def register(subparsers):
         "--labels", metavar="FILE", help="the model's labels, for --lm/--beam (default: the LM's)"
     )
     lm_options.add_arguments(parser)
+    streaming.add_arguments(parser, model_side=False)
+    parser.add_argument(
+        "--sample-rate", type=int, default=16000, help="the model's sample rate, for --stream"
+    )
     parser.set_defaults(func=run)
+
+
+def run_stream(args, client) -> int:
+    from qn_cli.main import UserError
+    from qn_keras.featurizer import FeaturizerConfig
+    from qn_keras.streaming.recognizer import StatefulEngine, StreamingRecognizer, StreamSettings
+    from serving.client import RemoteStreamStep
+
+    if args.files:
+        raise UserError("--stream takes one FILE (or -) itself; give no other files")
+    settings = StreamSettings(mode="stateful", chunk_seconds=args.stream_chunk)
+    featurizer = FeaturizerConfig(sample_rate=args.sample_rate)
+    engine = StatefulEngine(RemoteStreamStep(client), None, featurizer, settings)
+    stream = StreamingRecognizer(engine, _labels(args), settings)
+    result = streaming.run_stream(
+        stream, streaming.blocks(args, args.sample_rate), args.sample_rate, streaming.LiveDisplay()
+    )
+    print(f"{args.stream}\t{result['text']}", flush=True)
+    return 0
 
 
 def run(args) -> int:
@@ -57,6 +86,10 @@ def run(args) -> int:
     else:
         client = RestClient(args.url, args.model, args.version, args.timeout)
     try:
+        if args.stream:
+            return run_stream(args, client)
+        if not args.files:
+            raise UserError("Give files to transcribe (or --stream FILE).")
         for start in range(0, len(args.files), args.batch_size):
             paths = args.files[start : start + args.batch_size]
             if args.signature == "transcribe_wav":

@@ -4,6 +4,8 @@
     qn transcribe --model DIR audio_folder/ --output results.jsonl --timestamps
     qn transcribe --model DIR dev.json --beam 8 --logprobs-dir logprobs/
     qn transcribe --model DIR --lm lms/en-4 clip.wav --timestamps   # n-gram LM beam search
+    qn transcribe --model DIR --stream clip.wav      # live: partial and final text as it plays
+    arecord -f S16_LE -r 16000 -c 1 -t raw | qn transcribe --model DIR --stream -
 
 DIR is a model folder (`qn train`, `qn import-nemo`) or an exported model (`qn export`:
 BASE/NAME for its latest version, or BASE/NAME/N). Any soundfile format and sample rate.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from qn_cli import lm_options
+from qn_cli import lm_options, streaming
 
 
 def register(subparsers):
@@ -27,7 +29,7 @@ def register(subparsers):
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="model or export folder")
     parser.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="audio files, folders, manifests"
+        "inputs", nargs="*", metavar="INPUT", help="audio files, folders, manifests"
     )
     parser.add_argument("--output", metavar="FILE", help="write JSON lines (one per file)")
     parser.add_argument(
@@ -53,6 +55,7 @@ def register(subparsers):
         "at most 4; 0: in this process)",
     )
     lm_options.add_arguments(parser)
+    streaming.add_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -103,9 +106,58 @@ def _decoder(args, labels):
     return decoder
 
 
+def run_stream(args) -> int:
+    """--stream: one file or standard input through a StreamingRecognizer."""
+    from qn_cli.main import UserError
+    from qn_keras.streaming.recognizer import StreamSettings
+    from serving.recognizer import load_recognizer
+    from serving.streaming import streaming_recognizer
+
+    if args.inputs:
+        raise UserError("--stream takes one FILE (or -) itself; give no other inputs")
+    if args.lm or args.beam or args.hotword:
+        raise UserError("--stream decodes greedily; --lm, --beam and --hotword are for files")
+    settings = StreamSettings(
+        mode=args.stream_mode,
+        chunk_seconds=args.stream_chunk,
+        left_seconds=args.left_context,
+        right_seconds=args.right_context,
+        normalization=args.normalization,
+    )
+    recognizer = load_recognizer(args.model)
+    stream = streaming_recognizer(recognizer, settings)
+    rate = recognizer.sample_rate
+    result = streaming.run_stream(
+        stream, streaming.blocks(args, rate), rate, streaming.LiveDisplay()
+    )
+    print(f"{args.stream}\t{result['text']}")
+    if args.output:
+        from pathlib import Path
+
+        from qn_keras import files
+
+        record = {
+            "audio_filepath": args.stream,
+            "duration": round(result["seconds"], 4),
+            "pred_text": result["text"],
+            "stream_mode": stream.mode,
+            "latency_seconds": round(stream.latency_seconds, 3),
+        }
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        files.write_json_lines(Path(args.output), [record])
+    return 0
+
+
 def run(args) -> int:
     import sys
     from pathlib import Path
+
+    if args.stream:
+        return run_stream(args)
+    if not args.inputs:
+        from qn_cli.main import UserError
+
+        raise UserError("Give audio files, folders or manifests to transcribe (or --stream).")
 
     import numpy as np
     from tqdm import tqdm

@@ -243,25 +243,32 @@ class BufferedEngine:
 
 class StatefulEngine:
     """Stateful streaming over a stream step ``step(audio, state, counters, end) -> dict``
-    (:meth:`StreamingModel.step`, a SavedModel's ``stream_step``, a TFLite streaming model)
-    described by ``info`` (:meth:`StreamingModel.info`)."""
+    (:meth:`StreamingModel.step`, a SavedModel's ``stream_step``, a TFLite streaming model,
+    a server's ``stream_step``) described by ``info`` (:meth:`StreamingModel.info`; without
+    it, an empty state starts the stream and chunks are whole multiples of 80 ms, which every
+    preset's output frame divides)."""
 
-    def __init__(self, step: Callable, info: dict, featurizer: FeaturizerConfig, settings):
+    # Samples per output frame of any preset (stride 8 at most, 10 ms hops at 16 kHz).
+    ANY_GRANULE = 1280
+
+    def __init__(self, step: Callable, info: dict | None, featurizer: FeaturizerConfig, settings):
+        info = info or {}
         self.step_fn = step
-        self.granule = int(info["granule_samples"])
-        self.flush = int(info["flush_samples"])
         self.cfg = featurizer
-        self.lookahead_seconds = float(info["lookahead_seconds"])
-        self.chunk = int(info.get("chunk_samples") or 0) or max(
-            self.granule,
-            round(settings.chunk_seconds * featurizer.sample_rate / self.granule) * self.granule,
+        granule = int(info.get("granule_samples") or self.ANY_GRANULE)
+        self.lookahead_seconds = float(info.get("lookahead_seconds") or 0.0)
+        self.chunk = int(info.get("chunk_samples") or 0) or granule * max(
+            1, round(settings.chunk_seconds * featurizer.sample_rate / granule)
         )
-        self.state = np.zeros([1, int(info["state_size"])], np.float32)
-        self.counters = np.zeros([1, int(info["counters"])], np.int32)
+        # Zeros after the last audio before giving up on the stream's last frames.
+        self.max_flush = int(info.get("flush_samples") or 10 * featurizer.sample_rate)
+        self.state = np.zeros([1, int(info.get("state_size", 0))], np.float32)
+        self.counters = np.zeros([1, int(info.get("counters", 3))], np.int32)
         self.pending = np.zeros(0, np.float32)
         self.received = 0
         self.next_out = 0
         self.steps = 0
+        self.ended = False
 
     @property
     def latency_seconds(self) -> float:
@@ -275,7 +282,10 @@ class StatefulEngine:
         self.state, self.counters = out["state"], out["counters"]
         self.steps += 1
         frames = int(out["first_frame"][0]) + np.arange(out["logprobs"].shape[1])
-        keep = out["valid"][0] & (frames >= self.next_out)
+        valid = out["valid"][0].astype(bool)
+        # Past the end: a row at a real position that is not valid any more.
+        self.ended = end >= 0 and bool(np.any((frames >= 0) & ~valid))
+        keep = valid & (frames >= self.next_out)
         rows = out["logprobs"][0][keep]
         if len(rows):
             if frames[keep][0] != self.next_out:
@@ -298,17 +308,17 @@ class StatefulEngine:
                 f"The stream has {self.received} samples, fewer than the {self.cfg.min_samples} "
                 "needed to transcribe anything."
             )
-        total = -(-int(self.cfg.num_frames(self.received)) // (self.granule // self.cfg.hop_length))
-        tail = np.concatenate([self.pending, np.zeros(self.flush, np.float32)])
-        tail = np.pad(tail, (0, -len(tail) % self.chunk))
-        parts = []
-        for start in range(0, len(tail), self.chunk):
-            parts.append(self._step(tail[start : start + self.chunk], self.received))
-            if self.next_out >= total:
-                break
+        # The rest of the audio padded to a chunk, then chunks of zeros, all with the end
+        # given, until a step's rows pass the stream's last output frame.
+        tail = np.pad(self.pending, (0, -len(self.pending) % self.chunk))
         self.pending = np.zeros(0, np.float32)
-        if self.next_out != total:
-            raise RuntimeError(f"the stream gave {self.next_out} output frames, expected {total}")
+        parts, fed = [], 0
+        while not self.ended:
+            if fed >= len(tail) and fed - len(tail) > self.max_flush:
+                raise RuntimeError("the stream step did not reach the end of the stream")
+            audio = tail[fed : fed + self.chunk] if fed < len(tail) else np.zeros(self.chunk)
+            parts.append(self._step(audio, self.received))
+            fed += self.chunk
         return parts
 
 
@@ -417,8 +427,9 @@ def stream_step_of(bundle, settings: StreamSettings, prior: FeaturePrior | None)
     """``(step, info)`` of a bundle's stateful stream step, with the settings' normalization."""
     import tensorflow as tf
 
-    from qn_keras.streaming.stateful import StreamingModel
+    from qn_keras.streaming.stateful import StreamingModel, check_streamable
 
+    check_streamable(bundle.model, bundle.featurizer)
     rule = settings.normalization or "adaptive"
     if rule == "running":
         raise UserInputError(

@@ -18,7 +18,8 @@ chunked (chunks of any multiple of :attr:`StreamingModel.granule` samples).
 The whole state of a stream is two tensors the caller keeps, so a stateless server (TF
 Serving) can host streams: ``state`` float32 ``[batch, state_size]`` and ``counters`` int32
 ``[batch, 3]`` = (model tag, samples consumed, last output label + 1). All zeros start a
-stream; a state made by another model is refused (its tag differs).
+stream (or an empty ``[batch, 0]`` state, where the signature leaves the width free, so that a
+client need not know the size); a state made by another model is refused (its tag differs).
 
 Only the ``current`` front-end era streams this way (the ``legacy`` era reflects the audio
 at both ends), and not squeeze-and-excitation (a global average over the whole utterance).
@@ -43,6 +44,25 @@ from qn_keras.streaming.normalization import DEFAULT_PRIOR_FRAMES, FeaturePrior
 # length arithmetic of strided layers cannot overflow int32.
 _UNKNOWN_LENGTH = 2**29
 COUNTERS = 3  # (tag, samples consumed, last label + 1)
+
+
+def check_streamable(model, featurizer_config) -> None:
+    """UserInputError saying why ``model`` has no stateful streaming mode, if it has none."""
+    if getattr(model, "lookahead", None) is None:
+        raise UserInputError(
+            "This model sees its whole input (symmetric padding): it has no stateful "
+            "streaming mode. Stream it in buffered mode, or train one with a `lookahead` "
+            "(model.overrides.lookahead in the training config)."
+        )
+    cfg = featurizer_config
+    if cfg.era != "current":
+        raise UserInputError(
+            "Stateful streaming needs the 'current' front end; this model uses the "
+            f"{cfg.era!r} one (reflect padding at both ends). Use buffered mode."
+        )
+    blocks = model.block_args
+    if any(blocks["stackwise_se"]):
+        raise UserInputError("Stateful streaming cannot run squeeze-and-excitation blocks.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,21 +148,9 @@ class StreamingModel(tf.Module):
         name=None,
     ):
         super().__init__(name=name)
-        if getattr(model, "lookahead", None) is None:
-            raise UserInputError(
-                "This model sees its whole input (symmetric padding): it has no stateful "
-                "streaming mode. Stream it in buffered mode, or train one with a `lookahead` "
-                "(model.lookahead in the training config)."
-            )
+        check_streamable(model, featurizer.config)
         cfg = featurizer.config
-        if cfg.era != "current":
-            raise UserInputError(
-                "Stateful streaming needs the 'current' front end; this model uses the "
-                f"{cfg.era!r} one (reflect padding at both ends). Use buffered mode."
-            )
         blocks = model.block_args
-        if any(blocks["stackwise_se"]):
-            raise UserInputError("Stateful streaming cannot run squeeze-and-excitation blocks.")
         if prior.num_mels != cfg.num_mels:
             raise UserInputError(
                 f"The feature prior has {prior.num_mels} bands, not {cfg.num_mels}."
@@ -357,10 +365,19 @@ class StreamingModel(tf.Module):
         state = tf.convert_to_tensor(state, tf.float32)
         counters = tf.convert_to_tensor(counters, tf.int32)
         end = tf.convert_to_tensor(end, tf.int32)
+        if state.shape[1] is None:  # a signature with a free state width: empty starts a stream
+            batch = tf.shape(audio)[0]
+            state = tf.cond(
+                tf.equal(tf.size(state), 0),
+                lambda: tf.zeros([batch, self.state_size]),
+                lambda: state,
+            )
         if self.check:
             checks = self._checks(audio, state, counters, end)
-            with tf.control_dependencies(checks):
-                audio = tf.identity(audio)
+            with tf.control_dependencies(checks):  # nothing runs before the checks pass
+                audio, state, counters, end = (
+                    tf.identity(t) for t in (audio, state, counters, end)
+                )
         out = self._build(audio, state, counters, end)
         done, last = out.pop("done"), out.pop("last")
         out["counters"] = tf.stack([tf.fill(tf.shape(done), self.tag), done, last], axis=1)
@@ -423,8 +440,11 @@ class StreamingModel(tf.Module):
             "state_size": self.state_size,
             "counters": COUNTERS,
             "flush_samples": self.flush_samples(),
-            "lookahead_seconds": self.lookahead_frames
-            * self.config.hop_length
+            # The encoder's look-ahead plus the front end's: a frame's window reaches n_fft/2
+            # samples past its centre.
+            "lookahead_seconds": (
+                self.lookahead_frames * self.config.hop_length + self.config.n_fft // 2
+            )
             / self.config.sample_rate,
             "normalization": "fixed" if self.prior_frames is None else "adaptive",
             "prior_frames": self.prior_frames,
