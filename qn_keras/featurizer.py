@@ -25,6 +25,9 @@ from qn_keras.errors import UserInputError
 
 LOG_ZERO_GUARD = 2.0**-24
 NORM_EPSILON = 1e-5
+# How features are normalized per mel band: by the utterance's own statistics (NeMo's
+# "per_feature"), or frame-causally for streaming models (see causal_normalize).
+NORMALIZATIONS = ("per_feature", "adaptive", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +44,34 @@ class FeaturizerConfig:
     lowfreq: float = 0.0
     highfreq: float | None = None
     dither: float = 1e-5
+    # Streaming models: "adaptive"/"fixed" normalize with a prior (the average training
+    # utterance's per-band mean and std, filled in by `qn train` when not given) weighted as
+    # `prior_frames` frames (see causal_normalize).
+    normalize: str = "per_feature"
+    prior_mean: tuple | None = None
+    prior_std: tuple | None = None
+    prior_frames: float = 300.0
 
     def __post_init__(self):
         if self.era not in ERAS:
             raise UserInputError(f"Unknown front-end era {self.era!r}; expected one of {ERAS}.")
+        if self.normalize not in NORMALIZATIONS:
+            raise UserInputError(
+                f"Unknown normalize {self.normalize!r}; expected one of {NORMALIZATIONS}."
+            )
+        for name in ("prior_mean", "prior_std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                if len(value) != self.num_mels:
+                    raise UserInputError(f"{name} needs {self.num_mels} values (one per band).")
+                object.__setattr__(self, name, value)
+        if (self.prior_mean is None) != (self.prior_std is None):
+            raise UserInputError("Give both prior_mean and prior_std, or neither.")
+        if self.prior_std is not None and min(self.prior_std) <= 0:
+            raise UserInputError("prior_std values must be positive.")
+        if not self.prior_frames > 0:
+            raise UserInputError(f"prior_frames must be > 0. Received: {self.prior_frames}")
         if self.win_length > self.n_fft:
             raise UserInputError(
                 f"window_size*sample_rate ({self.win_length}) must not exceed n_fft ({self.n_fft})."
@@ -71,8 +98,17 @@ class FeaturizerConfig:
         frames = num_samples // self.hop_length
         return frames if self.era == "current" else frames + 1
 
+    @property
+    def causal(self) -> bool:
+        """Normalized frame by frame (a streaming model's front end)."""
+        return self.normalize != "per_feature"
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for name in ("prior_mean", "prior_std"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
 
     @classmethod
     def from_dict(cls, config: dict) -> FeaturizerConfig:
@@ -129,6 +165,34 @@ def slaney_mel_filterbank(
     return weights
 
 
+def causal_normalize(log_mel, valid, mean0, var0, prior_frames, sums=None):
+    """Frame-causal per-band normalization: frame ``t`` is normalized by the prior (mean
+    ``mean0``, variance ``var0``, counted as ``prior_frames`` frames) pooled with the valid
+    frames up to and including ``t``; ``prior_frames`` None: by the prior alone ("fixed").
+
+    ``log_mel`` ``[batch, frames, mels]``, ``valid`` 0/1 ``[batch, frames, 1]``; ``sums``
+    ``[batch, 3, mels]`` carries (sum of x - mean0, sum of its square, count) from earlier
+    frames (the stream step's state; zeros at the start). Returns the normalized frames
+    (zero where not valid) and the new sums. The one implementation both the offline front
+    end and the stream step use, so streaming equals offline however the audio is chunked.
+    """
+    std0 = tf.sqrt(var0)
+    if prior_frames is None:
+        return (log_mel - mean0) / (std0 + NORM_EPSILON) * valid, sums
+    d = (log_mel - mean0) * valid
+    if sums is None:
+        sums = tf.zeros_like(d[:, :3])
+    cum_d = sums[:, :1] + tf.cumsum(d, axis=1)
+    cum_d2 = sums[:, 1:2] + tf.cumsum(d * d, axis=1)
+    count = sums[:, 2:3] + tf.cumsum(tf.broadcast_to(valid, tf.shape(d)), axis=1)
+    new_sums = tf.concat([cum_d[:, -1:], cum_d2[:, -1:], count[:, -1:]], axis=1)
+    n = prior_frames + count
+    shift = cum_d / n
+    second = (prior_frames * var0 + cum_d2) / n
+    std = tf.sqrt(tf.maximum(second - tf.square(shift), 0.0))
+    return (log_mel - mean0 - shift) / (std + NORM_EPSILON) * valid, new_sums
+
+
 def symmetric_hann(length: int) -> np.ndarray:
     """``torch.hann_window(length, periodic=False)``: 0.5 - 0.5 cos(2 pi n / (length - 1))."""
     n = np.arange(length, dtype=np.float64)
@@ -152,6 +216,9 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         era: ``"current"`` or ``"legacy"`` (see module docstring).
         sample_rate, num_mels, window_size, window_stride, n_fft, preemph, lowfreq, highfreq,
         dither: NeMo preprocessor settings; defaults are QuartzNet's.
+        normalize, prior_mean, prior_std, prior_frames: ``per_feature`` (NeMo's, default) or a
+            streaming model's frame-causal ``adaptive``/``fixed`` normalization with its
+            prior (:func:`causal_normalize`).
         filterbank: optional ``(num_mels, n_fft//2+1)`` array replacing the computed slaney
             filterbank (a NeMo checkpoint's own ``fb`` buffer, say).
         window: optional ``(win_length,)`` array replacing the symmetric Hann window.
@@ -179,6 +246,10 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         dither=1e-5,
         filterbank=None,
         window=None,
+        normalize="per_feature",
+        prior_mean=None,
+        prior_std=None,
+        prior_frames=300.0,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -194,8 +265,17 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
             lowfreq=lowfreq,
             highfreq=highfreq,
             dither=dither,
+            normalize=normalize,
+            prior_mean=prior_mean,
+            prior_std=prior_std,
+            prior_frames=prior_frames,
         )
         cfg = self.config
+        if cfg.causal and cfg.prior_mean is None:
+            raise UserInputError(
+                f"normalize={cfg.normalize!r} needs prior_mean and prior_std (qn train "
+                "estimates them from the training audio)."
+            )
         if filterbank is None:
             filterbank = slaney_mel_filterbank(sample_rate, n_fft, num_mels, lowfreq, highfreq)
         filterbank = np.asarray(filterbank, dtype=np.float32).reshape(num_mels, n_fft // 2 + 1)
@@ -238,6 +318,13 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         feature_lengths = tf.minimum(cfg.num_frames(lengths), tf.shape(log_mel)[1])
         return log_mel, feature_lengths
 
+    def prior_tensors(self):
+        """``(mean0, var0, prior_frames)`` of a causal front end (see causal_normalize)."""
+        cfg = self.config
+        frames = None if cfg.normalize == "fixed" else float(cfg.prior_frames)
+        var0 = np.asarray(cfg.prior_std, np.float32) ** 2
+        return tf.constant(np.asarray(cfg.prior_mean, np.float32)), tf.constant(var0), frames
+
     def frames_to_log_mel(self, frames):
         """``[batch, frames, n_fft]`` windows of the pre-emphasized waveform to un-normalised
         log-mel ``[batch, frames, num_mels]`` (the streaming front end frames its own)."""
@@ -254,6 +341,10 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         log_mel, feature_lengths = self.log_mel(waveform, lengths, training=training)
         num_frames = tf.shape(log_mel)[1]
         frame_mask = sequence_mask(feature_lengths, num_frames)[:, :, None]
+        if self.config.causal:
+            mean0, var0, prior_frames = self.prior_tensors()
+            features, _ = causal_normalize(log_mel, frame_mask, mean0, var0, prior_frames)
+            return features, feature_lengths
         count = tf.cast(feature_lengths, tf.float32)[:, None, None]
         mean = tf.reduce_sum(log_mel * frame_mask, axis=1, keepdims=True) / tf.maximum(count, 1.0)
         centered = (log_mel - mean) * frame_mask

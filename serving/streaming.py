@@ -42,10 +42,15 @@ DEFAULT_TFLITE_CHUNK_SECONDS = 1.0
 
 
 def stream_model_for(bundle, check: bool = True) -> StreamingModel | None:
-    """The bundle's stream step (adaptive normalization), or None when the model has no
-    look-ahead limit or no feature prior."""
+    """The bundle's stream step, or None when the model has no look-ahead limit (or, with a
+    front end that normalizes per utterance, no feature prior: then adaptive normalization
+    from the folder's prior)."""
+    if getattr(bundle.model, "lookahead", None) is None:
+        return None
+    if bundle.featurizer.causal:  # trained for streaming: its front end's own normalization
+        return StreamingModel(bundle.model, bundle.featurizer_layer(), check=check)
     prior = prior_from_metadata(bundle.metadata)
-    if getattr(bundle.model, "lookahead", None) is None or prior is None:
+    if prior is None:
         return None
     return StreamingModel(
         bundle.model, bundle.featurizer_layer(), prior, DEFAULT_PRIOR_FRAMES, check=check
@@ -185,8 +190,9 @@ def streaming_recognizer(recognizer, settings: StreamSettings | None = None):
                 "lookahead (and exported with a feature prior) stream with state; use "
                 "--stream-mode buffered."
             )
-        if settings.normalization not in (None, "adaptive"):
-            raise UserInputError("An export's stream_step normalizes with 'adaptive'.")
+        rule = info.get("normalization", "adaptive")
+        if settings.normalization not in (None, rule):
+            raise UserInputError(f"This export's stream_step normalizes with {rule!r}.")
 
         def call(audio, state, counters, end):
             return step(

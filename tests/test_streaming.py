@@ -483,3 +483,94 @@ def test_qn_model_prior(tmp_path):
     assert prior_written.utterances == 4 and prior_written.num_mels == 64
     status, _, err = run_qn(["model", "prior", str(folder), str(tmp_path / "missing.wav")])
     assert status == 2 and "Not found" in err
+
+
+# Models trained for streaming: the front end normalizes causally ------------------------------
+
+
+@functools.cache
+def causal_bundle() -> ModelBundle:
+    """The look-ahead model with a front end that normalizes frame-causally (what a training
+    config with ``featurizer: {normalize: adaptive}`` makes)."""
+    bundle = lookahead_bundle()
+    featurizer = FeaturizerConfig(
+        normalize="adaptive",
+        prior_mean=prior().mean,
+        prior_std=prior().std,
+        prior_frames=100.0,
+    )
+    return ModelBundle(bundle.model, bundle.tokenizer, featurizer, metadata={})
+
+
+def test_causal_front_end_normalizes_frame_by_frame():
+    bundle = causal_bundle()
+    audio = _stream_audio()
+    layer = bundle.featurizer_layer()
+    features, length = layer(audio[None], tf.constant([len(audio)]))
+    log_mel, _ = layer.log_mel(audio[None], [len(audio)])
+    n = int(length[0])
+    expected = _adaptive_reference(log_mel[0, :n].numpy(), 100.0)
+    np.testing.assert_allclose(features[0, :n].numpy(), expected, atol=1e-5)
+    # Frame t does not depend on later audio.
+    cut, _ = layer(audio[None, :24000], tf.constant([24000]))
+    np.testing.assert_allclose(cut[0, :140].numpy(), features[0, :140].numpy(), atol=1e-6)
+    with pytest.raises(UserInputError, match="needs prior_mean"):
+        FeaturizerConfig(normalize="adaptive") and ModelBundle(
+            bundle.model, bundle.tokenizer, FeaturizerConfig(normalize="adaptive")
+        ).featurizer_layer()
+    with pytest.raises(UserInputError, match="64 values"):
+        FeaturizerConfig(normalize="fixed", prior_mean=(0.0,), prior_std=(1.0,))
+
+
+def test_stream_of_a_causal_model_equals_its_serving_default():
+    """Streaming = offline through the offline graph itself: serving_default of the model
+    (the SavedModel TF Serving runs) gives the stream's log-probs."""
+    from qn_keras.inference import SpeechRecognizer
+
+    bundle = causal_bundle()
+    audio = _stream_audio()
+    stream = StreamingRecognizer.from_bundle(bundle, StreamSettings(keep_logprobs=True))
+    assert stream.mode == "stateful"
+    text, _ = _feed(stream, audio, [1, 1599, 4800, 320])
+    module = SpeechRecognizer(bundle)  # bound tf.functions hold it weakly
+    out = module.serving_default(tf.constant(audio[None]), tf.constant([len(audio)]))
+    n = int(out["logprob_lengths"][0])
+    np.testing.assert_allclose(stream.logprobs, out["logprobs"][0, :n].numpy(), atol=1e-5)
+    assert text == out["transcripts"].numpy()[0].decode().strip()
+    with pytest.raises(UserInputError, match="trained with 'adaptive'"):
+        StreamingRecognizer.from_bundle(bundle, StreamSettings(normalization="fixed"))
+    # Buffered mode of the same model normalizes the same way.
+    buffered = StreamingRecognizer.from_bundle(
+        bundle, StreamSettings(mode="buffered", left_seconds=8, right_seconds=8, keep_logprobs=True)
+    )
+    _feed(buffered, audio, [1600])
+    np.testing.assert_allclose(buffered.logprobs, stream.logprobs, atol=1e-5)
+
+
+def test_training_data_must_match_the_causal_front_end():
+    from qn_keras.training.data import DataSource
+
+    per_utterance = DataSource("x", 1, 0.1, "feats/train", featurizer=FeaturizerConfig().to_dict())
+    with pytest.raises(UserInputError, match="normalize"):
+        per_utterance.check_compatible(causal_bundle().tokenizer, causal_bundle().featurizer)
+
+
+def test_trainer_fills_in_the_front_end_prior_from_training_audio():
+    from types import SimpleNamespace
+
+    from qn_keras.training.run_setup import RunSpec
+    from qn_keras.training.trainer import Trainer
+
+    said = []
+    fake = SimpleNamespace(_say=said.append)
+    run = RunSpec({}, (), FeaturizerConfig(normalize="adaptive").to_dict(), None, False, {})
+    manifest = str(su.SAMPLE_DEV)
+    filled = Trainer._with_front_end_prior(fake, run, manifest)
+    config = FeaturizerConfig.from_dict(filled.featurizer)
+    assert config.normalize == "adaptive" and config.prior_mean is not None
+    from qn_keras.featurizer import LogMelSpectrogram
+    from qn_keras.streaming.prior import prior_from_audio
+
+    expected = prior_from_audio(su.sample_paths(200), LogMelSpectrogram(), limit=200)
+    np.testing.assert_allclose(config.prior_mean, expected.mean, rtol=1e-9)
+    assert said and "prior" in said[0]

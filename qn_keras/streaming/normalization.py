@@ -87,6 +87,22 @@ def estimate_prior(log_mels: Iterable[np.ndarray]) -> FeaturePrior:
     )
 
 
+def resolve(featurizer, rule: str | None, prior: FeaturePrior | None, prior_frames: float):
+    """``(rule, prior, prior_frames)`` a stream of this model normalizes with. A model
+    trained for streaming (a front end with ``normalize: adaptive/fixed``) brings its own rule
+    and prior, and another rule is refused; for the others ``rule`` (None: ``running``) and the
+    folder's ``prior`` apply."""
+    if featurizer.causal:
+        if rule not in (None, featurizer.normalize):
+            raise UserInputError(
+                f"This model was trained with {featurizer.normalize!r} normalization; its "
+                f"streams normalize that way (asked for {rule!r})."
+            )
+        own = FeaturePrior(featurizer.prior_mean, featurizer.prior_std)
+        return featurizer.normalize, own, featurizer.prior_frames
+    return rule or "running", prior, prior_frames
+
+
 def prior_from_metadata(metadata: dict) -> FeaturePrior | None:
     data = (metadata or {}).get(METADATA_KEY)
     return FeaturePrior.from_dict(data) if data else None

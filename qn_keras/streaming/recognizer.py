@@ -24,7 +24,12 @@ import numpy as np
 
 from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeaturizerConfig
-from qn_keras.streaming.normalization import DEFAULT_PRIOR_FRAMES, FeaturePrior, Normalizer
+from qn_keras.streaming.normalization import (
+    DEFAULT_PRIOR_FRAMES,
+    FeaturePrior,
+    Normalizer,
+    resolve,
+)
 
 MODES = ("auto", "buffered", "stateful")
 
@@ -124,12 +129,10 @@ class BufferedEngine:
         self.chunk = max(1, round(settings.chunk_seconds * per_out))
         self.left = math.ceil(settings.left_seconds * per_out)
         self.right = math.ceil(settings.right_seconds * per_out)
-        self.normalizer = Normalizer(
-            settings.normalization or "running",
-            featurizer.num_mels,
-            prior,
-            settings.prior_frames,
+        rule, prior, prior_frames = resolve(
+            featurizer, settings.normalization, prior, settings.prior_frames
         )
+        self.normalizer = Normalizer(rule, featurizer.num_mels, prior, prior_frames)
         self.hop = featurizer.hop_length
         # Feature frames of margin so that a piece's frames equal the whole stream's.
         self.margin = -(-(featurizer.n_fft // 2 + 1) // self.hop) + 1
@@ -430,24 +433,28 @@ def stream_step_of(bundle, settings: StreamSettings, prior: FeaturePrior | None)
     from qn_keras.streaming.stateful import StreamingModel, check_streamable
 
     check_streamable(bundle.model, bundle.featurizer)
-    rule = settings.normalization or "adaptive"
-    if rule == "running":
-        raise UserInputError(
-            "Stateful streaming normalizes frame by frame ('adaptive' or 'fixed'); 'running' "
-            "depends on the chunking and is for buffered mode."
+    if bundle.featurizer.causal:  # trained for streaming: the front end's own rule and prior
+        resolve(bundle.featurizer, settings.normalization, None, settings.prior_frames)
+        model = StreamingModel(bundle.model, bundle.featurizer_layer())
+    else:
+        rule = settings.normalization or "adaptive"
+        if rule == "running":
+            raise UserInputError(
+                "Stateful streaming normalizes frame by frame ('adaptive' or 'fixed'); "
+                "'running' depends on the chunking and is for buffered mode."
+            )
+        if prior is None:
+            raise UserInputError(
+                "Stateful streaming needs the model's feature prior (the average training "
+                "utterance's statistics), which this model folder lacks: add it with "
+                "`qn model prior MODEL AUDIO...`."
+            )
+        model = StreamingModel(
+            bundle.model,
+            bundle.featurizer_layer(),
+            prior,
+            None if rule == "fixed" else settings.prior_frames,
         )
-    if prior is None:
-        raise UserInputError(
-            "Stateful streaming needs the model's feature prior (the average training "
-            "utterance's statistics), which this model folder lacks: add it with "
-            "`qn model prior MODEL AUDIO...`."
-        )
-    model = StreamingModel(
-        bundle.model,
-        bundle.featurizer_layer(),
-        prior,
-        None if rule == "fixed" else settings.prior_frames,
-    )
     function = tf.function(
         model.step,
         input_signature=[

@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from qn_keras.choices import HEAD_LAYER
 from qn_keras.errors import UserInputError
+from qn_keras.featurizer import causal_normalize
 from qn_keras.quartznet_backbone import same_padding, scale_kernel_size, total_lookahead
 from qn_keras.quartznet_ctc import find_layer
 from qn_keras.streaming.normalization import DEFAULT_PRIOR_FRAMES, FeaturePrior
@@ -133,7 +134,10 @@ class StreamingModel(tf.Module):
     Args:
         model: a QuartzNetCTC built with ``lookahead`` (not None).
         featurizer: the model's :class:`~qn_keras.featurizer.LogMelSpectrogram`.
-        prior: the feature prior (:class:`FeaturePrior`) normalization starts from.
+        prior: the feature prior (:class:`FeaturePrior`) normalization starts from, for a
+            model whose front end normalizes per utterance; a front end that normalizes
+            causally (``normalize: adaptive`` or ``fixed``, a model trained for streaming)
+            brings its own, and the stream equals its offline output exactly.
         prior_frames: the prior's weight in frames (``adaptive``); None: ``fixed``.
         check: put the model-tag and shape assertions in the graph (TFLite drops them).
     """
@@ -142,7 +146,7 @@ class StreamingModel(tf.Module):
         self,
         model: tf.keras.Model,
         featurizer,
-        prior: FeaturePrior,
+        prior: FeaturePrior | None = None,
         prior_frames: float | None = DEFAULT_PRIOR_FRAMES,
         check: bool = True,
         name=None,
@@ -151,10 +155,6 @@ class StreamingModel(tf.Module):
         check_streamable(model, featurizer.config)
         cfg = featurizer.config
         blocks = model.block_args
-        if prior.num_mels != cfg.num_mels:
-            raise UserInputError(
-                f"The feature prior has {prior.num_mels} bands, not {cfg.num_mels}."
-            )
         # A plain namespace is not tracked by tf.Module: saving keeps the variables only.
         self._keras = types.SimpleNamespace(model=model, featurizer=featurizer)
         self.model_variables = list(model.variables)
@@ -162,9 +162,21 @@ class StreamingModel(tf.Module):
         self.blocks = blocks
         self.kernel_size_factor = model.kernel_size_factor
         self.vocabulary_size = int(model.vocabulary_size)
-        self.prior_mean = tf.constant(np.asarray(prior.mean, np.float32))
-        self.prior_var = tf.constant(np.asarray(prior.std, np.float32) ** 2)
-        self.prior_frames = None if prior_frames is None else float(prior_frames)
+        if cfg.causal:
+            # A model trained for streaming: its own front end says how to normalize.
+            self.prior_mean, self.prior_var, self.prior_frames = featurizer.prior_tensors()
+            prior = FeaturePrior(cfg.prior_mean, cfg.prior_std)
+            prior_frames = self.prior_frames
+        else:
+            if prior is None:
+                raise UserInputError("Stateful streaming needs a feature prior.")
+            if prior.num_mels != cfg.num_mels:
+                raise UserInputError(
+                    f"The feature prior has {prior.num_mels} bands, not {cfg.num_mels}."
+                )
+            self.prior_mean = tf.constant(np.asarray(prior.mean, np.float32))
+            self.prior_var = tf.constant(np.asarray(prior.std, np.float32) ** 2)
+            self.prior_frames = None if prior_frames is None else float(prior_frames)
         self.check = check
         stride = 1
         for s in blocks["stackwise_strides"]:
@@ -253,21 +265,14 @@ class StreamingModel(tf.Module):
         return _Stream(features[:, :, None, :], delay, 1, feature_length)
 
     def _normalize(self, log_mel, valid, batch):
-        mels = self.config.num_mels
-        std0 = tf.sqrt(self.prior_var)
         if self.prior_frames is None:
-            return (log_mel - self.prior_mean) / (std0 + 1e-5) * valid
-        sums = self._layout.take("norm_sums", 3, mels, batch)  # sum d, sum d^2, count (x mels)
-        d = (log_mel - self.prior_mean) * valid
-        cum_d = sums[:, :1] + tf.cumsum(d, axis=1)
-        cum_d2 = sums[:, 1:2] + tf.cumsum(d * d, axis=1)
-        count = sums[:, 2:3] + tf.cumsum(tf.broadcast_to(valid, tf.shape(d)), axis=1)
-        self._layout.put("norm_sums", tf.concat([cum_d[:, -1:], cum_d2[:, -1:], count[:, -1:]], 1))
-        n = self.prior_frames + count
-        shift = cum_d / n
-        second = (self.prior_frames * self.prior_var + cum_d2) / n
-        std = tf.sqrt(tf.maximum(second - tf.square(shift), 0.0))
-        return (log_mel - self.prior_mean - shift) / (std + 1e-5) * valid
+            return causal_normalize(log_mel, valid, self.prior_mean, self.prior_var, None)[0]
+        sums = self._layout.take("norm_sums", 3, self.config.num_mels, batch)
+        features, sums = causal_normalize(
+            log_mel, valid, self.prior_mean, self.prior_var, self.prior_frames, sums
+        )
+        self._layout.put("norm_sums", sums)
+        return features
 
     def _block(self, i, cfg, kernel, s: _Stream, done, batch) -> _Stream:
         model = self._keras.model

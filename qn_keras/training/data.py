@@ -104,8 +104,11 @@ class DataSource:
                 "or set `labels:` in the config."
             )
         if self.featurizer is not None:
+            from qn_keras.featurizer import FeaturizerConfig
+
             mine = featurizer.to_dict()
-            theirs = {k: v for k, v in self.featurizer.items() if k in mine}
+            # Keys older data lack mean their defaults (per-utterance normalization, say).
+            theirs = FeaturizerConfig.from_dict(self.featurizer).to_dict()
             # Dither only acts while training the featurizer itself; features are stored without.
             diff = {
                 k: (theirs[k], mine[k]) for k in theirs if k != "dither" and theirs[k] != mine[k]

@@ -192,6 +192,7 @@ class Trainer:
         config = self.config
         self.checkpoint_dir = self.out_dir / CHECKPOINT_DIR
         run = resolve_run(config, self.out_dir, init_from, is_chief=self.is_chief, say=self._say)
+        run = self._with_front_end_prior(run, train_data)
         self.init = run.init
         self.tokenizer = CharTokenizer(run.labels)
         self.featurizer = FeaturizerConfig.from_dict(run.featurizer)
@@ -216,6 +217,25 @@ class Trainer:
         if self.is_chief:
             write_run_file(self.out_dir, config, run)
         self._resuming = run.resuming
+
+    def _with_front_end_prior(self, run, train_data):
+        """A front end that normalizes causally (``featurizer.normalize: adaptive``, a model
+        trained for streaming) without a prior gets one from the training audio, before any
+        features are made with it."""
+        featurizer = FeaturizerConfig.from_dict(run.featurizer)
+        if not featurizer.causal or featurizer.prior_mean is not None:
+            return run
+        from qn_keras.featurizer import LogMelSpectrogram
+        from qn_keras.streaming.prior import training_prior
+
+        path = train_data.path if isinstance(train_data, data_lib.DataSource) else train_data
+        plain = {**featurizer.to_dict(), "normalize": "per_feature"}
+        prior = training_prior(path, LogMelSpectrogram(**plain))
+        self._say(
+            f"Front-end prior for {featurizer.normalize} normalization: {prior.utterances} files"
+        )
+        featurizer = dataclasses.replace(featurizer, prior_mean=prior.mean, prior_std=prior.std)
+        return dataclasses.replace(run, featurizer=featurizer.to_dict())
 
     def _open(self, data, cache_dir, max_duration):
         if isinstance(data, data_lib.DataSource):
