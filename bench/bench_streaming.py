@@ -121,9 +121,13 @@ def accuracy(args) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    cfg = bundle.featurizer
     rules = [("running", None)]
     if prior:
         rules += [("adaptive", n) for n in args.prior_frames] + [("fixed", None)]
+    if cfg.causal:  # trained for streaming: its front end's own rule, offline too
+        rules = [(cfg.normalize, cfg.prior_frames)]
+        rows[0]["normalization"] = f"{cfg.normalize} (the model's front end)"
     for chunk in args.chunks:
         for rule, prior_frames in rules:
             settings = StreamSettings(
@@ -142,13 +146,14 @@ def accuracy(args) -> dict:
 
             started = time.perf_counter()
             hyps = [_stream(engine, labels, settings, w)[0] for _, w, _ in items]
-            add(
-                "buffered", rule, chunk, hyps, started, {"left_s": args.left, "right_s": args.right}
-            )
+            extra = {"left_s": args.left, "right_s": args.right, "prior_frames": prior_frames}
+            add("buffered", rule, chunk, hyps, started, extra)
 
-    if getattr(bundle.model, "lookahead", None) is not None and prior is not None:
+    if getattr(bundle.model, "lookahead", None) is not None and (prior or cfg.causal):
         featurizer = bundle.featurizer_layer()
         stateful_rules = [("adaptive", n) for n in args.prior_frames] + [("fixed", None)]
+        if cfg.causal:
+            stateful_rules = [(cfg.normalize, cfg.prior_frames)]
         for rule, prior_frames in stateful_rules:
             settings = StreamSettings(
                 mode="stateful",
@@ -173,7 +178,11 @@ def accuracy(args) -> dict:
                 # The same model offline on the whole utterance, normalized the same way.
                 log_mel, length = featurizer.log_mel(waveform[None], [len(waveform)])
                 frames = log_mel[0, : int(length[0])].numpy()
-                features = _normalize_like_stream(frames, prior, prior_frames)
+                if cfg.causal:  # the model's own offline front end
+                    normalized, _ = featurizer(waveform[None], tf.constant([len(waveform)]))
+                    features = normalized[0, : int(length[0])].numpy()
+                else:
+                    features = _normalize_like_stream(frames, prior, prior_frames)
                 lp, n = bundle.model([features[None], tf.constant([len(features)])], training=False)
                 worst = max(worst, float(np.abs(lp[0, : int(n[0])].numpy() - logprobs).max()))
             add(

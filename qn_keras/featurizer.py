@@ -50,7 +50,7 @@ class FeaturizerConfig:
     normalize: str = "per_feature"
     prior_mean: tuple | None = None
     prior_std: tuple | None = None
-    prior_frames: float = 300.0
+    prior_frames: float = 100.0
 
     def __post_init__(self):
         if self.era not in ERAS:
@@ -249,7 +249,7 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
         normalize="per_feature",
         prior_mean=None,
         prior_std=None,
-        prior_frames=300.0,
+        prior_frames=100.0,
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")

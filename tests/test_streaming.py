@@ -24,7 +24,7 @@ from qn_keras.featurizer import FeaturizerConfig
 from qn_keras.model_dir import ModelBundle, save_model_dir
 from qn_keras.quartznet_backbone import lookahead_padding, normalize_block_lists
 from qn_keras.quartznet_ctc import QuartzNetCTC
-from qn_keras.streaming.normalization import METADATA_KEY, FeaturePrior
+from qn_keras.streaming.normalization import DEFAULT_PRIOR_FRAMES, METADATA_KEY, FeaturePrior
 from qn_keras.streaming.recognizer import StatefulEngine, StreamingRecognizer, StreamSettings
 
 LOOKAHEAD = 7
@@ -139,7 +139,7 @@ def _adaptive_reference(log_mel: np.ndarray, prior_frames: float | None) -> np.n
     return out.astype(np.float32)
 
 
-def _offline(bundle, audio, prior_frames=300.0) -> np.ndarray:
+def _offline(bundle, audio, prior_frames=DEFAULT_PRIOR_FRAMES) -> np.ndarray:
     """The model run offline on the whole stream, features normalized as the stream does."""
     layer = bundle.featurizer_layer()
     log_mel, length = layer.log_mel(audio[None], [len(audio)])
@@ -173,7 +173,7 @@ def test_stateful_stream_equals_offline(sizes, chunk, normalization):
     stream = StreamingRecognizer.from_bundle(bundle, settings)
     assert stream.mode == "stateful"
     text, _ = _feed(stream, audio, sizes)
-    expected = _offline(bundle, audio, None if normalization == "fixed" else 300.0)
+    expected = _offline(bundle, audio, None if normalization == "fixed" else DEFAULT_PRIOR_FRAMES)
     assert stream.logprobs.shape == expected.shape
     np.testing.assert_allclose(stream.logprobs, expected, atol=1e-5, rtol=0)
     assert text == su.greedy_texts(expected[None], np.array([len(expected)]))[0].strip()
@@ -187,7 +187,7 @@ def test_stream_front_end_matches_the_numpy_featurizer():
     stream = StreamingRecognizer.from_bundle(bundle, StreamSettings(keep_logprobs=True))
     _feed(stream, audio, [2400])
     log_mel, length = ref.nemo_log_mel(audio[None], [len(audio)])
-    features = _adaptive_reference(log_mel[0, : length[0]], 300.0)
+    features = _adaptive_reference(log_mel[0, : length[0]], DEFAULT_PRIOR_FRAMES)
     expected, _ = ref.quartznet_forward(
         features, bundle.model.get_config(), _weights(bundle.model), right_padding=EXPECTED_RIGHT
     )
@@ -574,3 +574,23 @@ def test_trainer_fills_in_the_front_end_prior_from_training_audio():
     expected = prior_from_audio(su.sample_paths(200), LogMelSpectrogram(), limit=200)
     np.testing.assert_allclose(config.prior_mean, expected.mean, rtol=1e-9)
     assert said and "prior" in said[0]
+
+
+def test_running_normalization_pools_heard_frames_with_the_prior():
+    from qn_keras.streaming.normalization import Normalizer
+
+    frames = np.random.default_rng(5).normal(-3, 2, size=(150, 64))
+    normalizer = Normalizer("running", 64, prior(), prior_frames=50)
+    normalizer.add(frames[:120])
+    got = normalizer.normalize(frames[100:120], 100)
+    mu0, var0 = np.asarray(prior().mean), np.asarray(prior().std) ** 2
+    heard = frames[:120]
+    mean = (50 * mu0 + heard.sum(0)) / 170
+    second = (50 * (var0 + mu0**2) + (heard**2).sum(0)) / 170
+    expected = (frames[100:120] - mean) / (np.sqrt(second - mean**2) + 1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # Without a prior: the heard frames' own statistics (unbiased std, as the featurizer).
+    alone = Normalizer("running", 64)
+    alone.add(frames[:120])
+    expected = (frames[100:120] - heard.mean(0)) / (heard.std(0, ddof=1) + 1e-5)
+    np.testing.assert_allclose(alone.normalize(frames[100:120], 100), expected, atol=1e-5)

@@ -5,8 +5,10 @@ The featurizer normalizes each mel band by the utterance's own mean and standard
 (:data:`RULES`); ``bench/bench_streaming.py`` measures what each costs in WER:
 
 - ``running``: the statistics of every frame heard so far, right context included, updated a
-  chunk at a time. Needs nothing from training; tends to the offline rule as the stream goes
-  on. Buffered mode only: it depends on how the stream was chunked.
+  chunk at a time, pooled with the model's prior (counted as ``prior_frames`` frames) when the
+  model folder has one; tends to the offline rule as the stream goes on. Buffered mode only:
+  it depends on how the stream was chunked. Without a prior (an imported NeMo model, say) the
+  heard frames alone.
 - ``fixed``: a :class:`FeaturePrior` estimated from training audio (the average utterance's
   per-band mean and variance), never updated.
 - ``adaptive``: the prior blended with the frames heard up to and including each frame, the
@@ -29,7 +31,7 @@ from qn_keras.featurizer import NORM_EPSILON, FeatureStatistics
 RULES = ("running", "adaptive", "fixed")
 # Metadata key of a model folder's prior (qn_model.json "metadata").
 METADATA_KEY = "feature_prior"
-DEFAULT_PRIOR_FRAMES = 300.0  # 3 s of audio
+DEFAULT_PRIOR_FRAMES = 100.0  # 1 s of audio: measured best of 30/50/100/300 (BENCHMARKS.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +170,18 @@ class Normalizer:
     def normalize(self, frames: np.ndarray, first: int) -> np.ndarray:
         frames = np.asarray(frames, np.float64)
         if self.rule == "running":
-            return self.running.normalize(frames.astype(np.float32))
+            if self.prior is None:
+                return self.running.normalize(frames.astype(np.float32))
+            # Everything heard so far, pooled with the prior counted as prior_frames frames.
+            count, n0 = self.running.count, self.prior_frames
+            heard_mean = self.running.mean
+            heard_var = self.running.std**2 * max(count - 1, 1) / max(count, 1)
+            mean = (n0 * self._mu0 + count * heard_mean) / (n0 + count)
+            second = (n0 * (self._var0 + self._mu0**2) + count * (heard_var + heard_mean**2)) / (
+                n0 + count
+            )
+            std = np.sqrt(np.maximum(second - mean**2, 0.0))
+            return ((frames - mean) / (std + NORM_EPSILON)).astype(np.float32)
         if self.rule == "fixed":
             mean, std = self._mu0, np.sqrt(self._var0)
         else:
