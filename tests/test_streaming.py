@@ -594,3 +594,43 @@ def test_running_normalization_pools_heard_frames_with_the_prior():
     alone.add(frames[:120])
     expected = (frames[100:120] - heard.mean(0)) / (heard.std(0, ddof=1) + 1e-5)
     np.testing.assert_allclose(alone.normalize(frames[100:120], 100), expected, atol=1e-5)
+
+
+def test_lookahead_is_searchable_by_qn_tune():
+    from qn_keras.tuning.config import SpaceConfig
+    from qn_keras.tuning.search_space import architecture, describe
+
+    space = SpaceConfig.from_dict({"lookahead": [-1, 24]})
+    assert space.params["lookahead"].candidates == (-1, 24)
+    values = {
+        "blocks": 5,
+        "repeats": 3,
+        "groups": 1,
+        "width": 0.5,
+        "kernel_factor": 1.0,
+        "dropout": 0.0,
+        "lookahead": 24,
+    }
+    kwargs = architecture(values, space)
+    assert kwargs["lookahead"] == 24 and describe(values).endswith("la24")
+    assert "lookahead" not in architecture({**values, "lookahead": -1}, space)
+    with pytest.raises(ValueError, match="lookahead"):
+        SpaceConfig.from_dict({"lookahead": [-2]})
+    model = QuartzNetCTC(vocabulary_size=29, **kwargs)
+    assert model.lookahead == 24
+
+
+def test_trainer_saves_a_feature_prior_or_says_why_not(tmp_path):
+    from types import SimpleNamespace
+
+    from qn_keras.training.trainer import Trainer
+
+    said = []
+    fake = SimpleNamespace(_say=said.append, train_data=SimpleNamespace(path=str(su.SAMPLE_DEV)))
+    got = Trainer._feature_prior(fake, su.tiny_bundle())
+    assert got is not None and got.utterances == 60
+    bad = tmp_path / "records.tfrecord"
+    bad.write_bytes(b"")
+    fake.train_data = SimpleNamespace(path=str(bad))
+    assert Trainer._feature_prior(fake, su.tiny_bundle()) is None
+    assert "qn model prior" in said[-1]
