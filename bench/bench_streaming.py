@@ -124,7 +124,8 @@ def accuracy(args) -> dict:
     cfg = bundle.featurizer
     rules = [("running", None)]
     if prior:
-        rules += [("adaptive", n) for n in args.prior_frames] + [("fixed", None)]
+        rules += [(rule, n) for rule in ("pooled", "adaptive") for n in args.prior_frames]
+        rules += [("fixed", None)]
     if cfg.causal:  # trained for streaming: its front end's own rule, offline too
         rules = [(cfg.normalize, cfg.prior_frames)]
         rows[0]["normalization"] = f"{cfg.normalize} (the model's front end)"

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser, model_side: bool = True) -> N
         )
         group.add_argument(
             "--normalization",
-            choices=("running", "adaptive", "fixed"),
+            choices=("running", "pooled", "adaptive", "fixed"),
             help="feature normalization (default: running buffered, adaptive stateful)",
         )
 

@@ -347,6 +347,7 @@ def test_stateful_mode_needs_a_lookahead_model_and_a_prior():
     without = ModelBundle(bundle.model, bundle.tokenizer, bundle.featurizer, metadata={})
     with pytest.raises(UserInputError, match="qn model prior"):
         StreamingRecognizer.from_bundle(without, StreamSettings(mode="stateful"))
+    assert StreamingRecognizer.from_bundle(without).mode == "buffered"  # auto falls back
     legacy = ModelBundle(
         bundle.model, bundle.tokenizer, FeaturizerConfig(era="legacy"), metadata=bundle.metadata
     )
@@ -576,11 +577,11 @@ def test_trainer_fills_in_the_front_end_prior_from_training_audio():
     assert said and "prior" in said[0]
 
 
-def test_running_normalization_pools_heard_frames_with_the_prior():
+def test_pooled_normalization_pools_heard_frames_with_the_prior():
     from qn_keras.streaming.normalization import Normalizer
 
     frames = np.random.default_rng(5).normal(-3, 2, size=(150, 64))
-    normalizer = Normalizer("running", 64, prior(), prior_frames=50)
+    normalizer = Normalizer("pooled", 64, prior(), prior_frames=50)
     normalizer.add(frames[:120])
     got = normalizer.normalize(frames[100:120], 100)
     mu0, var0 = np.asarray(prior().mean), np.asarray(prior().std) ** 2
@@ -589,8 +590,8 @@ def test_running_normalization_pools_heard_frames_with_the_prior():
     second = (50 * (var0 + mu0**2) + (heard**2).sum(0)) / 170
     expected = (frames[100:120] - mean) / (np.sqrt(second - mean**2) + 1e-5)
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    # Without a prior: the heard frames' own statistics (unbiased std, as the featurizer).
-    alone = Normalizer("running", 64)
+    # running: the heard frames' own statistics (unbiased std, as the featurizer).
+    alone = Normalizer("running", 64, prior())
     alone.add(frames[:120])
     expected = (frames[100:120] - heard.mean(0)) / (heard.std(0, ddof=1) + 1e-5)
     np.testing.assert_allclose(alone.normalize(frames[100:120], 100), expected, atol=1e-5)

@@ -5,10 +5,11 @@ The featurizer normalizes each mel band by the utterance's own mean and standard
 (:data:`RULES`); ``bench/bench_streaming.py`` measures what each costs in WER:
 
 - ``running``: the statistics of every frame heard so far, right context included, updated a
-  chunk at a time, pooled with the model's prior (counted as ``prior_frames`` frames) when the
-  model folder has one; tends to the offline rule as the stream goes on. Buffered mode only:
-  it depends on how the stream was chunked. Without a prior (an imported NeMo model, say) the
-  heard frames alone.
+  chunk at a time. Needs nothing from training; tends to the offline rule as the stream goes
+  on, and equals it for utterances heard whole before their first chunk is due. Buffered mode
+  only: it depends on how the stream was chunked.
+- ``pooled``: ``running`` pooled with the model's prior, counted as ``prior_frames`` frames:
+  steadier early in long utterances, further from the offline rule at their end.
 - ``fixed``: a :class:`FeaturePrior` estimated from training audio (the average utterance's
   per-band mean and variance), never updated.
 - ``adaptive``: the prior blended with the frames heard up to and including each frame, the
@@ -28,7 +29,7 @@ import numpy as np
 from qn_keras.errors import UserInputError
 from qn_keras.featurizer import NORM_EPSILON, FeatureStatistics
 
-RULES = ("running", "adaptive", "fixed")
+RULES = ("running", "pooled", "adaptive", "fixed")
 # Metadata key of a model folder's prior (qn_model.json "metadata").
 METADATA_KEY = "feature_prior"
 DEFAULT_PRIOR_FRAMES = 100.0  # 1 s of audio: measured best of 30/50/100/300 (BENCHMARKS.md)
@@ -170,8 +171,8 @@ class Normalizer:
     def normalize(self, frames: np.ndarray, first: int) -> np.ndarray:
         frames = np.asarray(frames, np.float64)
         if self.rule == "running":
-            if self.prior is None:
-                return self.running.normalize(frames.astype(np.float32))
+            return self.running.normalize(frames.astype(np.float32))
+        if self.rule == "pooled":
             # Everything heard so far, pooled with the prior counted as prior_frames frames.
             count, n0 = self.running.count, self.prior_frames
             heard_mean = self.running.mean

@@ -43,7 +43,7 @@ class StreamSettings:
             step, else buffered).
         chunk_seconds: audio per model call (rounded to whole output frames).
         left_seconds, right_seconds: buffered mode's context on each side of a chunk.
-        normalization: ``running``, ``adaptive`` or ``fixed``
+        normalization: ``running``, ``pooled``, ``adaptive`` or ``fixed``
             (:mod:`qn_keras.streaming.normalization`); None: ``running`` in buffered mode,
             ``adaptive`` in stateful mode.
         prior_frames: the feature prior's weight in frames (``adaptive``).
@@ -407,10 +407,10 @@ class StreamingRecognizer:
         settings = settings or StreamSettings()
         prior = prior or prior_from_metadata(bundle.metadata)
         mode = settings.mode
-        if mode == "auto":
-            mode = (
-                "stateful" if getattr(bundle.model, "lookahead", None) is not None else "buffered"
-            )
+        if mode == "auto":  # stateful when the model can: a look-ahead limit and a prior
+            streamable = getattr(bundle.model, "lookahead", None) is not None
+            can = streamable and (bundle.featurizer.causal or prior is not None)
+            mode = "stateful" if can and bundle.featurizer.era == "current" else "buffered"
         if mode == "stateful":
             step, info = stream_step_of(bundle, settings, prior)
             return cls(
@@ -438,10 +438,10 @@ def stream_step_of(bundle, settings: StreamSettings, prior: FeaturePrior | None)
         model = StreamingModel(bundle.model, bundle.featurizer_layer())
     else:
         rule = settings.normalization or "adaptive"
-        if rule == "running":
+        if rule in ("running", "pooled"):
             raise UserInputError(
                 "Stateful streaming normalizes frame by frame ('adaptive' or 'fixed'); "
-                "'running' depends on the chunking and is for buffered mode."
+                f"{rule!r} depends on the chunking and is for buffered mode."
             )
         if prior is None:
             raise UserInputError(
