@@ -143,6 +143,8 @@ class BufferedEngine:
         self.frames_start = 0  # stream frame of self.frames[0]
         self.next_out = 0  # first output frame not yet final
         self.max_piece_samples = 0
+        self._partial = np.zeros((0, 0), np.float32)
+        self._partial_at = 0  # frames there were when the partial guess was made
 
     @property
     def latency_seconds(self) -> float:
@@ -219,12 +221,16 @@ class BufferedEngine:
             logprobs, _ = self._run(self.next_out, self.next_out + self.chunk, final=False)
             final_parts.append(logprobs[: self.chunk])
             self.next_out += self.chunk
-        partial = np.zeros((0, 0), np.float32)
-        if self._frames_end() > self.next_out * self.stride:
-            logprobs, _ = self._run(self.next_out, self.next_out + self.chunk, final=False)
-            partial = logprobs
+        # The partial guess costs a model call: made again after a commit, or once a quarter
+        # chunk of new audio has come (not on every 0.1 s block a microphone delivers).
+        fresh = self._frames_end() - self._partial_at >= max(1, self.chunk * self.stride // 4)
+        if final_parts or fresh:
+            self._partial = np.zeros((0, 0), np.float32)
+            if self._frames_end() > self.next_out * self.stride:
+                self._partial, _ = self._run(self.next_out, self.next_out + self.chunk, False)
+            self._partial_at = self._frames_end()
         self._forget()
-        return final_parts, partial
+        return final_parts, self._partial
 
     def finish(self):
         if self.received < self.cfg.min_samples:
