@@ -214,4 +214,5 @@ def streaming_recognizer(recognizer, settings: StreamSettings | None = None):
             settings,
             prior,
         )
+    engine.owner = recognizer  # its functions hold the loaded SavedModel only weakly
     return StreamingRecognizer(engine, recognizer.labels, settings)

@@ -635,3 +635,19 @@ def test_trainer_saves_a_feature_prior_or_says_why_not(tmp_path):
     fake.train_data = SimpleNamespace(path=str(bad))
     assert Trainer._feature_prior(fake, su.tiny_bundle()) is None
     assert "qn model prior" in said[-1]
+
+
+def test_buffered_stream_over_an_export_equals_the_model_folders():
+    from serving.recognizer import load_recognizer
+    from serving.streaming import streaming_recognizer
+
+    audio = _stream_audio()
+    settings = StreamSettings(keep_logprobs=True)
+    folder = StreamingRecognizer.from_bundle(su.tiny_bundle(), settings)
+    _feed(folder, audio, [1600])
+    export = streaming_recognizer(load_recognizer(su.export_dir()), settings)
+    assert export.mode == "buffered"  # a full-context model
+    _feed(export, audio, [1600])
+    np.testing.assert_allclose(export.logprobs, folder.logprobs, atol=1e-4)
+    with pytest.raises(UserInputError, match="no stream_step"):
+        streaming_recognizer(load_recognizer(su.export_dir()), StreamSettings(mode="stateful"))

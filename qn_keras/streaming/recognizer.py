@@ -428,7 +428,7 @@ class StreamingRecognizer:
         engine = BufferedEngine(
             module.log_mel, module.encode, bundle.featurizer, module.stride, settings, prior
         )
-        engine._owner = module  # bound tf.functions hold only a weak reference to it
+        engine.owner = module  # bound tf.functions hold only a weak reference to it
         return cls(engine, bundle.tokenizer.labels, settings)
 
 
