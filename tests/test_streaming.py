@@ -651,3 +651,18 @@ def test_buffered_stream_over_an_export_equals_the_model_folders():
     np.testing.assert_allclose(export.logprobs, folder.logprobs, atol=1e-4)
     with pytest.raises(UserInputError, match="no stream_step"):
         streaming_recognizer(load_recognizer(su.export_dir()), StreamSettings(mode="stateful"))
+
+
+def test_the_streaming_demo_recipe_builds_a_streamable_model():
+    from pathlib import Path
+
+    from qn_keras.presets import build_from_architecture, with_vocabulary
+    from qn_keras.quartznet_backbone import total_lookahead
+    from qn_keras.training import load_config
+    from qn_keras.training.config import architecture_from_config
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_streaming.yaml")
+    front_end = config.featurizer_config()
+    assert front_end.normalize == "adaptive" and front_end.prior_frames == 100
+    model = build_from_architecture(with_vocabulary(architecture_from_config(config.model), 29))
+    assert total_lookahead(model.block_args, 1.0, model.lookahead) == 24
