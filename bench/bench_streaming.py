@@ -215,8 +215,7 @@ def _normalize_like_stream(frames, prior, prior_frames):
 
     rule = "fixed" if prior_frames is None else "adaptive"
     normalizer = Normalizer(rule, frames.shape[1], prior, prior_frames or 1.0)
-    normalizer.add(frames)
-    return normalizer.normalize(frames, 0)
+    return normalizer.normalize(normalizer.add(frames))
 
 
 def _percentiles(times) -> dict:

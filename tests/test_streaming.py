@@ -583,7 +583,7 @@ def test_pooled_normalization_pools_heard_frames_with_the_prior():
     frames = np.random.default_rng(5).normal(-3, 2, size=(150, 64))
     normalizer = Normalizer("pooled", 64, prior(), prior_frames=50)
     normalizer.add(frames[:120])
-    got = normalizer.normalize(frames[100:120], 100)
+    got = normalizer.normalize(frames[100:120])
     mu0, var0 = np.asarray(prior().mean), np.asarray(prior().std) ** 2
     heard = frames[:120]
     mean = (50 * mu0 + heard.sum(0)) / 170
@@ -594,7 +594,7 @@ def test_pooled_normalization_pools_heard_frames_with_the_prior():
     alone = Normalizer("running", 64, prior())
     alone.add(frames[:120])
     expected = (frames[100:120] - heard.mean(0)) / (heard.std(0, ddof=1) + 1e-5)
-    np.testing.assert_allclose(alone.normalize(frames[100:120], 100), expected, atol=1e-5)
+    np.testing.assert_allclose(alone.normalize(frames[100:120]), expected, atol=1e-5)
 
 
 def test_lookahead_is_searchable_by_qn_tune():

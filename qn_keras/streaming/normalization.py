@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from qn_keras.errors import UserInputError
-from qn_keras.featurizer import NORM_EPSILON, FeatureStatistics
+from qn_keras.featurizer import NORM_EPSILON, FeatureStatistics, causal_normalize
 
 RULES = ("running", "pooled", "adaptive", "fixed")
 # Metadata key of a model folder's prior (qn_model.json "metadata").
@@ -112,11 +112,13 @@ def prior_from_metadata(metadata: dict) -> FeaturePrior | None:
 
 
 class Normalizer:
-    """Normalizes blocks of un-normalized log-mel frames of one stream, in order.
+    """Normalizes the un-normalized log-mel frames of one stream, in order.
 
-    ``add(frames)`` records frames as they are heard (only ``running`` uses them);
-    ``normalize(frames, first)`` normalizes frames ``[first, first + len)`` of the stream with
-    what the rule allows (for ``adaptive``, frames must have been added up to the last one).
+    ``add(frames)`` takes frames as they are heard and returns what to keep of them: for the
+    frame-causal rules (``adaptive``, ``fixed``) the frames already normalized, with the same
+    :func:`~qn_keras.featurizer.causal_normalize` the stream step runs (a frame's value never
+    changes, so it is computed once); for ``running`` and ``pooled`` the frames as they are.
+    ``normalize(kept)`` gives kept frames their normalization with what has been heard so far.
     """
 
     def __init__(
@@ -144,55 +146,43 @@ class Normalizer:
         self.prior = prior
         self.prior_frames = float(prior_frames)
         self.running = FeatureStatistics(num_mels)
-        # adaptive: _cum[k][i] sums (x - mu0)**(k+1) over stream frames [0, _base + i)
         self._mu0 = np.asarray(prior.mean if prior else np.zeros(num_mels), np.float64)
         self._var0 = np.asarray(prior.std if prior else np.ones(num_mels), np.float64) ** 2
-        self._cum = [np.zeros((1, num_mels)), np.zeros((1, num_mels))]
-        self._base = 0
-        self.added = 0
+        self._sums = None  # causal_normalize's carried sums (adaptive)
 
-    def add(self, frames: np.ndarray) -> None:
-        frames = np.asarray(frames, np.float64)
-        self.running.add(frames)
-        if self.rule == "adaptive":
-            d = frames - self._mu0
-            for k, values in enumerate((d, d * d)):
-                last = self._cum[k][-1:]
-                self._cum[k] = np.concatenate([self._cum[k], last + np.cumsum(values, axis=0)])
-        self.added += len(frames)
+    @property
+    def causal(self) -> bool:
+        return self.rule in ("adaptive", "fixed")
 
-    def forget_before(self, frame: int) -> None:
-        """Drops adaptive sums that no later ``normalize`` (of frames >= ``frame``) needs."""
-        drop = min(frame, self.added) - self._base
-        if self.rule == "adaptive" and drop > 0:
-            self._cum = [c[drop:] for c in self._cum]
-            self._base += drop
+    def add(self, frames: np.ndarray) -> np.ndarray:
+        frames = np.asarray(frames, np.float32)
+        if not self.causal:
+            self.running.add(frames)
+            return frames
+        import tensorflow as tf
 
-    def normalize(self, frames: np.ndarray, first: int) -> np.ndarray:
-        frames = np.asarray(frames, np.float64)
+        out, self._sums = causal_normalize(
+            tf.constant(frames[None]),
+            tf.ones([1, len(frames), 1]),
+            tf.constant(self._mu0, tf.float32),
+            tf.constant(self._var0, tf.float32),
+            self.prior_frames if self.rule == "adaptive" else None,
+            self._sums,
+        )
+        return out[0].numpy()
+
+    def normalize(self, kept: np.ndarray) -> np.ndarray:
+        if self.causal:
+            return kept
         if self.rule == "running":
-            return self.running.normalize(frames.astype(np.float32))
-        if self.rule == "pooled":
-            # Everything heard so far, pooled with the prior counted as prior_frames frames.
-            count, n0 = self.running.count, self.prior_frames
-            heard_mean = self.running.mean
-            heard_var = self.running.std**2 * max(count - 1, 1) / max(count, 1)
-            mean = (n0 * self._mu0 + count * heard_mean) / (n0 + count)
-            second = (n0 * (self._var0 + self._mu0**2) + count * (heard_var + heard_mean**2)) / (
-                n0 + count
-            )
-            std = np.sqrt(np.maximum(second - mean**2, 0.0))
-            return ((frames - mean) / (std + NORM_EPSILON)).astype(np.float32)
-        if self.rule == "fixed":
-            mean, std = self._mu0, np.sqrt(self._var0)
-        else:
-            index = np.arange(first, first + len(frames))
-            rows = index + 1 - self._base  # inclusive sums up to each frame
-            if len(rows) and (rows[0] < 1 or rows[-1] >= len(self._cum[0])):
-                raise RuntimeError("adaptive normalization asked for frames it has not kept")
-            count = (self.prior_frames + index + 1)[:, None]
-            shift = self._cum[0][rows] / count
-            second = (self.prior_frames * self._var0 + self._cum[1][rows]) / count
-            mean = self._mu0 + shift
-            std = np.sqrt(np.maximum(second - shift**2, 0.0))
-        return ((frames - mean) / (std + NORM_EPSILON)).astype(np.float32)
+            return self.running.normalize(kept)
+        # pooled: everything heard so far, pooled with the prior counted as prior_frames frames.
+        count, n0 = self.running.count, self.prior_frames
+        heard_mean = self.running.mean
+        heard_var = self.running.std**2 * max(count - 1, 1) / max(count, 1)
+        mean = (n0 * self._mu0 + count * heard_mean) / (n0 + count)
+        second = (n0 * (self._var0 + self._mu0**2) + count * (heard_var + heard_mean**2)) / (
+            n0 + count
+        )
+        std = np.sqrt(np.maximum(second - mean**2, 0.0))
+        return ((kept - mean) / (std + NORM_EPSILON)).astype(np.float32)

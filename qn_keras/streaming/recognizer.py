@@ -139,6 +139,7 @@ class BufferedEngine:
         self.audio = np.zeros(0, np.float32)
         self.audio_start = 0  # stream index of self.audio[0]
         self.received = 0
+        # Frames as the normalizer keeps them (normalized already for frame-causal rules).
         self.frames = np.zeros((0, featurizer.num_mels), np.float32)
         self.frames_start = 0  # stream frame of self.frames[0]
         self.next_out = 0  # first output frame not yet final
@@ -179,8 +180,7 @@ class BufferedEngine:
             raise UserInputError(
                 "The stream's features are not finite (audio far beyond full scale?)."
             )
-        self.normalizer.add(new)
-        self.frames = np.concatenate([self.frames, new])
+        self.frames = np.concatenate([self.frames, self.normalizer.add(new)])
 
     def _run(self, first_out: int, last_out: int, final: bool):
         """Output frames ``[first_out, ...)`` from features around ``[first_out, last_out)``;
@@ -188,8 +188,8 @@ class BufferedEngine:
         stride = self.stride
         first = max(self.frames_start, (first_out - self.left) * stride)
         last = min(self._frames_end(), (last_out + self.right) * stride)
-        raw = self.frames[first - self.frames_start : last - self.frames_start]
-        features = self.normalizer.normalize(raw, first)
+        kept = self.frames[first - self.frames_start : last - self.frames_start]
+        features = self.normalizer.normalize(kept)
         tf = self._tf
         out = self.encode_fn(tf.constant(features[None]), tf.constant([last - first], tf.int32))
         length = int(out["logprob_lengths"][0])
@@ -204,7 +204,6 @@ class BufferedEngine:
         if drop > 0:
             self.frames = self.frames[drop:]
             self.frames_start += drop
-            self.normalizer.forget_before(self.frames_start)
         # Featurizing frame t reads samples from (t - margin) * hop on.
         drop = max(0, (self._frames_end() - self.margin) * self.hop) - self.audio_start
         if drop > 0:
