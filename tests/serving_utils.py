@@ -37,6 +37,24 @@ def workdir() -> Path:
     return path
 
 
+def randomize_batch_norm(model, seed: int) -> None:
+    """Non-trivial BatchNorm statistics, so that inference-mode BN is exercised."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            gamma, beta, mean, var = layer.get_weights()
+            layer.set_weights(
+                [
+                    gamma * rng.uniform(0.8, 1.2, gamma.shape),
+                    beta + rng.normal(0, 0.1, beta.shape),
+                    mean + rng.normal(0, 0.1, mean.shape),
+                    var * rng.uniform(0.5, 1.5, var.shape),
+                ]
+            )
+
+
 @functools.cache
 def tiny_bundle():
     import tensorflow as tf
@@ -52,19 +70,7 @@ def tiny_bundle():
     # rounding differences between runtimes do not flip characters.
     kernel, bias = model.get_layer("ctc_head_conv").get_weights()
     model.get_layer("ctc_head_conv").set_weights([kernel * 2.0, bias])
-    # Non-trivial BatchNorm statistics, so inference-mode BN is exercised.
-    rng = np.random.default_rng(7)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights(
-                [
-                    gamma * rng.uniform(0.8, 1.2, gamma.shape),
-                    beta + rng.normal(0, 0.1, beta.shape),
-                    mean + rng.normal(0, 0.1, mean.shape),
-                    var * rng.uniform(0.5, 1.5, var.shape),
-                ]
-            )
+    randomize_batch_norm(model, 7)
     return ModelBundle(model, CharTokenizer(), FeaturizerConfig(), metadata={"test": True})
 
 

@@ -57,28 +57,13 @@ def prior() -> FeaturePrior:
     return prior_from_audio(su.sample_paths(12), LogMelSpectrogram(), limit=12)
 
 
-def _randomize_batch_norm(model, seed):
-    rng = np.random.default_rng(seed)
-    for layer in model.layers:
-        if isinstance(layer, tf.keras.layers.BatchNormalization):
-            gamma, beta, mean, var = layer.get_weights()
-            layer.set_weights(
-                [
-                    gamma * rng.uniform(0.8, 1.2, gamma.shape),
-                    beta + rng.normal(0, 0.1, beta.shape),
-                    mean + rng.normal(0, 0.1, mean.shape),
-                    var * rng.uniform(0.5, 1.5, var.shape),
-                ]
-            )
-
-
 @functools.cache
 def lookahead_bundle() -> ModelBundle:
     tf.keras.utils.set_random_seed(11)
     model = QuartzNetCTC(vocabulary_size=29, name="tiny_la", lookahead=LOOKAHEAD, **su.TINY_BLOCKS)
     kernel, bias = model.get_layer("ctc_head_conv").get_weights()
     model.get_layer("ctc_head_conv").set_weights([kernel * 2.0, bias])
-    _randomize_batch_norm(model, 11)
+    su.randomize_batch_norm(model, 11)
     from qn_keras.tokenizer import CharTokenizer
 
     return ModelBundle(
@@ -666,3 +651,13 @@ def test_the_streaming_demo_recipe_builds_a_streamable_model():
     assert front_end.normalize == "adaptive" and front_end.prior_frames == 100
     model = build_from_architecture(with_vocabulary(architecture_from_config(config.model), 29))
     assert total_lookahead(model.block_args, 1.0, model.lookahead) == 24
+
+
+def test_trainer_reuses_a_causal_front_ends_prior():
+    from types import SimpleNamespace
+
+    from qn_keras.training.trainer import Trainer
+
+    fake = SimpleNamespace(_say=None, train_data=None)  # nothing to read: it must not
+    got = Trainer._feature_prior(fake, causal_bundle())
+    assert got.mean == causal_bundle().featurizer.prior_mean

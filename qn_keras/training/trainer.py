@@ -645,8 +645,11 @@ class Trainer:
     def _feature_prior(self, bundle):
         """The training audio's feature prior, for streaming (qn_keras.streaming): estimated
         from the source files of up to 200 training records; None (said) if unreadable."""
+        from qn_keras.streaming.normalization import FeaturePrior
         from qn_keras.streaming.prior import training_prior
 
+        if bundle.featurizer.causal:  # estimated already, for the front end (_setup)
+            return FeaturePrior(bundle.featurizer.prior_mean, bundle.featurizer.prior_std)
         try:
             return training_prior(self.train_data.path, bundle.featurizer_layer())
         except (UserInputError, OSError, tf.errors.OpError) as e:
