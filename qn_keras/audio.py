@@ -18,6 +18,9 @@ from scipy.signal import resample_poly
 
 from qn_keras.errors import UserInputError
 
+# File name endings the commands take as audio when they search folders.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
+
 REASONS = (
     "missing_file",
     "unreadable_audio",

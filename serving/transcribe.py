@@ -31,15 +31,20 @@ import numpy as np
 import soundfile as sf
 import tensorflow as tf
 
-from qn_keras.audio import AudioError, ResampledReader, check_waveform, decode_audio, pad_batch
+from qn_keras.audio import (
+    AUDIO_EXTENSIONS,
+    AudioError,
+    ResampledReader,
+    check_waveform,
+    decode_audio,
+    pad_batch,
+)
+from qn_keras.data.manifest import MANIFEST_EXTENSIONS
 from qn_keras.decoding import beam_decode_ids, greedy_decode_ids
 from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeatureStatistics
 from qn_keras.inference import FEATURES_REFUSED, refusal_message
 from serving.recognizer import Recognizer
-
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au")
-MANIFEST_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,9 @@ from pathlib import Path
 
 from qn_keras.errors import UserInputError
 
+# File name endings read as manifests (NeMo JSON lines, CSV/TSV).
+MANIFEST_EXTENSIONS = (".json", ".jsonl", ".csv", ".tsv")
+
 BAD_MANIFEST_LINE = "bad_manifest_line"
 
 PATH_COLUMNS = ("audio_filepath", "path", "audio", "file", "filename", "wav", "audio_path")

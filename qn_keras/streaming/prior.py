@@ -8,14 +8,13 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from qn_keras.audio import AudioError, decode_audio
+from qn_keras.audio import AUDIO_EXTENSIONS, AudioError, decode_audio
+from qn_keras.data.manifest import MANIFEST_EXTENSIONS
 from qn_keras.errors import UserInputError
 from qn_keras.streaming.normalization import FeaturePrior, estimate_prior
 
 log = logging.getLogger(__name__)
 DEFAULT_FILES = 200
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au")
-MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
 
 def prior_from_audio(
@@ -64,8 +63,8 @@ def audio_paths(inputs: Sequence[str | Path]) -> list[str]:
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            out += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
-        elif path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
+            out += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+        elif path.suffix.lower() in MANIFEST_EXTENSIONS and path.is_file():
             out += [u.audio_filepath for u in load_utterances(path)]
         elif path.is_file():
             out.append(str(path))
@@ -98,7 +97,7 @@ def training_prior(data_path, featurizer, limit: int = DEFAULT_FILES) -> Feature
     their records' source audio), or a manifest."""
     from qn_keras.data import reader
 
-    if isinstance(data_path, str | Path) and Path(data_path).suffix.lower() in MANIFEST_SUFFIXES:
+    if isinstance(data_path, str | Path) and Path(data_path).suffix.lower() in MANIFEST_EXTENSIONS:
         return prior_from_audio(audio_paths([data_path])[: limit * 2], featurizer, limit)
     files, compression, _ = reader._shard_files(data_path)
     sources = record_sources(files, compression, limit)

@@ -26,12 +26,11 @@ import tensorflow as tf
 from qn_keras import files
 from qn_keras.data import reader, schema
 from qn_keras.data.dataset_info import DATASET_INFO, DatasetInfo, length_histogram
-from qn_keras.data.manifest import Failure, read_utterances
+from qn_keras.data.manifest import MANIFEST_EXTENSIONS, Failure, read_utterances
 from qn_keras.data.records import to_tf_example, utterance_records
 from qn_keras.errors import UserInputError
 
 logger = logging.getLogger(__name__)
-MANIFEST_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv")
 
 
 @dataclasses.dataclass
@@ -264,7 +263,7 @@ def _write_manifest_records(manifest, tokenizer, featurizer, target, max_duratio
 
 def is_manifest(path) -> bool:
     path = Path(path)
-    return path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES
+    return path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS
 
 
 def open_data(
