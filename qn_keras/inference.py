@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from qn_keras.decoding import tf_greedy_decode
 from qn_keras.featurizer import LogMelSpectrogram
+from qn_keras.inference_graph import InferenceEncoder, unsupported_reason
 from qn_keras.quartznet_backbone import output_stride
 
 WAVEFORM_SPEC = tf.TensorSpec([None, None], tf.float32, name="waveform")
@@ -144,13 +145,19 @@ class SpeechRecognizer(tf.Module):
         TensorShape([1])
     """
 
-    def __init__(self, bundle, name=None):
+    def __init__(self, bundle, name=None, rewrite: bool = True):
         super().__init__(name=name)
         # The bundle's own front end: imported NeMo models carry their filterbank and window.
         featurizer = bundle.featurizer_layer()
         # A plain namespace is not tracked by tf.Module, so saving skips Keras serialization.
         self._runtime = types.SimpleNamespace(model=bundle.model, featurizer=featurizer)
-        self.model_variables = list(bundle.model.variables)
+        # The encoder runs as qn_keras.inference_graph rewrites it (BN folded, fast layout,
+        # fewer masks) where it can; the reason it cannot is kept for the export metadata.
+        self.rewrite_refused = "disabled" if not rewrite else unsupported_reason(bundle.model)
+        if self.rewrite_refused is None:
+            self.inference_encoder = InferenceEncoder(bundle.model)
+        else:
+            self.model_variables = list(bundle.model.variables)
         self.labels = list(bundle.tokenizer.labels)
         self.sample_rate = int(bundle.featurizer.sample_rate)
         self.min_samples = int(bundle.featurizer.min_samples)
@@ -200,7 +207,10 @@ class SpeechRecognizer(tf.Module):
         ]
     )
     def encode(self, features, feature_lengths):
-        logprobs, logprob_lengths = self.model([features, feature_lengths], training=False)
+        if self.rewrite_refused is None:
+            logprobs, logprob_lengths = self.inference_encoder(features, feature_lengths)
+        else:
+            logprobs, logprob_lengths = self.model([features, feature_lengths], training=False)
         return {"logprobs": logprobs, "logprob_lengths": logprob_lengths}
 
 

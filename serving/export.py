@@ -120,6 +120,8 @@ class ServingModule(SpeechRecognizer):
         self.streamer = stream_model_for(bundle)
         if self.streamer is not None:
             self.stream_step = text_step_function(self.streamer, self.labels)
+            # The stream step runs the Keras layers themselves.
+            self.model_variables = list(bundle.model.variables)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=WAV_INPUT)])
     def transcribe_wav(self, wav_bytes):
@@ -314,6 +316,8 @@ def export_model(
                 "transcribe_wav": {"inputs": [WAV_INPUT], "outputs": list(OUTPUTS)},
             },
             "metadata": bundle.metadata,
+            # "rewritten" (qn_keras.inference_graph) or why the Keras graph is served as is.
+            "encoder_graph": module.rewrite_refused or "rewritten",
         }
         if module.streamer is not None:
             from serving.streaming import stream_metadata

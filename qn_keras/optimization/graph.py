@@ -8,6 +8,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from qn_keras.choices import HEAD_LAYER as HEAD
+from qn_keras.inference_graph import folded_conv_weights
 from qn_keras.layers import LogSoftmax, SequenceMask
 from qn_keras.quartznet_ctc import find_layer
 
@@ -64,8 +65,6 @@ def fold_batchnorm(model: tf.keras.Model) -> tf.keras.Model:
     not land on int8 steps, so the TFLite weights would not be the ones trained. Folding first,
     the fake quantizer sees the deployed weights.
     """
-    import numpy as np
-
     model = as_functional(model)
     config = model.get_config()
     by_name = {layer["name"]: layer for layer in config["layers"]}
@@ -116,17 +115,9 @@ def fold_batchnorm(model: tf.keras.Model) -> tf.keras.Model:
         bn = model.get_layer(bn_name)
         kernel = layer.get_weights()[0]
         bias = layer.get_weights()[1] if layer.use_bias else 0.0
-        gamma = bn.gamma.numpy() if bn.gamma is not None else 1.0
-        beta = bn.beta.numpy() if bn.beta is not None else 0.0
-        mean, var = bn.moving_mean.numpy(), bn.moving_variance.numpy()
-        scale = gamma / np.sqrt(var + bn.epsilon)
-        if isinstance(layer, tf.keras.layers.DepthwiseConv2D):
-            # [kh, kw, C, M]: output channel c * M + m.
-            scaled = (kernel.reshape(*kernel.shape[:2], -1) * scale).reshape(kernel.shape)
-        else:
-            scaled = kernel * scale  # output channels are the last axis
-        folded_bias = beta + (bias - mean) * scale
-        target.set_weights([scaled.astype(kernel.dtype), folded_bias.astype(kernel.dtype)])
+        depthwise = isinstance(layer, tf.keras.layers.DepthwiseConv2D)
+        scaled, folded_bias = folded_conv_weights(kernel, bn, bias, depthwise=depthwise)
+        target.set_weights([scaled, folded_bias])
     return folded
 
 

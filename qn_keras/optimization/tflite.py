@@ -24,15 +24,29 @@ import tensorflow as tf
 from qn_keras import files
 from qn_keras import tflite as lite
 from qn_keras.errors import UserInputError
+from qn_keras.inference_graph import tflite_encoder, unsupported_reason
 from qn_keras.optimization.export_graph import export_graph
 
 MODES = lite.MODES
 
 
 def serving_function(model: tf.keras.Model, num_features: int, batch_size: int | None = 1):
-    """A concrete function ``features -> logits`` over ``export_graph(model)`` (no optimizer)."""
-    graph = export_graph(model)
+    """A concrete function ``features -> logits``, and the trackable holding its variables.
+
+    Float and pruned QuartzNet models convert through the inference rewrite
+    (:func:`qn_keras.inference_graph.tflite_encoder`: BN folded, XNNPACK-sized depthwise
+    kernels, static shapes); fake-quantized ones through ``export_graph(model)``."""
     spec = tf.TensorSpec([batch_size, None, num_features], tf.float32, name="features")
+    if unsupported_reason(model) is None:
+        encoder = tflite_encoder(model)
+
+        @tf.function(input_signature=[spec])
+        def rewritten(features):
+            shape = tf.shape(features)
+            return {"logits": encoder.logits(features, tf.fill(shape[:1], shape[1]))[0]}
+
+        return rewritten.get_concrete_function(), encoder
+    graph = export_graph(model)
 
     @tf.function(input_signature=[spec])
     def logprobs(features):
