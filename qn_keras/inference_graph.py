@@ -142,7 +142,9 @@ class InferenceEncoder(tf.Module):
                 p = 0
                 while f"block_{i}_res_{p}_conv" in layers:
                     conv = layers[f"block_{i}_res_{p}_conv"]
-                    kernel, bias = folded_conv_weights(conv.kernel.numpy(), layers[f"block_{i}_res_{p}_bn"])
+                    kernel, bias = folded_conv_weights(
+                        conv.kernel.numpy(), layers[f"block_{i}_res_{p}_bn"]
+                    )
                     residuals.append(
                         _Conv(
                             self,
@@ -192,7 +194,9 @@ class InferenceEncoder(tf.Module):
                 groups=None,
             )
             kernel, bias = folded_conv_weights(layers[f"{prefix}_pointwise"].kernel.numpy(), bn)
-            mix = _Conv(self, prefix, kernel, bias, stride=1, dilation=1, padding=None, groups=groups)
+            mix = _Conv(
+                self, prefix, kernel, bias, stride=1, dilation=1, padding=None, groups=groups
+            )
             return time_kernel, mix, shuffle
         kernel, bias = folded_conv_weights(_to_width(layers[f"{prefix}_conv"].kernel.numpy()), bn)
         conv = _Conv(
