@@ -11,13 +11,15 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # Re-installs only when a requirements file or setup.py changes.
-$(STAMP): requirements.txt requirements-dev.txt requirements-dask.txt requirements-lm.txt setup.py \
+$(STAMP): requirements.txt requirements-dev.txt requirements-dask.txt requirements-lm.txt \
+		requirements-litert.txt setup.py \
 		tools/build_kenlm.sh
 	@$(PYTHON) tools/check_python.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
 	CMAKE_POLICY_VERSION_MINIMUM=3.5 $(PY) -m pip install --quiet --disable-pip-version-check \
-		-r requirements.txt -r requirements-dev.txt -r requirements-dask.txt -r requirements-lm.txt
+		-r requirements.txt -r requirements-dev.txt -r requirements-dask.txt -r requirements-lm.txt \
+		-r requirements-litert.txt
 	tools/build_kenlm.sh $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(PY) -m pip check

@@ -27,6 +27,7 @@ setup(
         "nemo": ["torch==2.13.0"],
         "dask": _requirements("requirements-dask.txt"),
         "lm": _requirements("requirements-lm.txt"),
+        "litert": _requirements("requirements-litert.txt"),
     },
     entry_points={"console_scripts": ["qn=qn_cli.main:main"]},
 )

@@ -30,6 +30,7 @@ from qn_keras.audio import AudioError, check_waveform
 from qn_keras.choices import EXPORT_TFLITE_MODES
 from qn_keras.errors import UserInputError
 from qn_keras.featurizer import FeaturizerConfig, LogMelSpectrogram
+from qn_keras.inference_graph import tflite_encoder, unsupported_reason
 
 MODES = EXPORT_TFLITE_MODES
 ENGINES = lite.ENGINES
@@ -54,11 +55,25 @@ class _BlockwiseMelSpectrogram(LogMelSpectrogram):
         return tf.add_n(parts)
 
 
-class WaveformToLogprobs(tf.Module):
-    """The TFLite graph: one waveform ``[1, samples]`` (all valid) to log-probabilities.
+FEATURIZER_FILE = "featurizer.tflite"
 
-    Only the model's variables are tracked, not the Keras objects, so the converter does not
-    re-trace every Keras layer for its intermediate SavedModel.
+
+def encoder_file(mode: str) -> str:
+    """The features-in file of ``mode`` beside ``<mode>.tflite``."""
+    return f"encoder_{mode}.tflite"
+
+
+class WaveformToLogprobs(tf.Module):
+    """The TFLite graphs of one waveform ``[1, samples]`` (all valid): ``logprobs`` (waveform
+    to log-probabilities, one file), and the same split in two, ``features`` (waveform to the
+    valid frames' features) and ``encode`` (features to log-probabilities).
+
+    The split exists for speed: the front end's framing makes shapes TFLite learns only while
+    running, and with them XNNPACK leaves every later op to TFLite's slower built-in kernels; an
+    encoder whose input is a graph input has every shape fixed once the input is resized.
+    The encoder is :func:`qn_keras.inference_graph.tflite_encoder`'s rewrite where the model
+    allows (else the Keras graph). Only variables are tracked, not the Keras objects, so the
+    converter does not re-trace every Keras layer for its intermediate SavedModel.
     """
 
     def __init__(self, bundle, name=None):
@@ -67,25 +82,58 @@ class WaveformToLogprobs(tf.Module):
             **bundle.featurizer.to_dict(), filterbank=bundle.filterbank, window=bundle.window
         )
         self._runtime = types.SimpleNamespace(model=bundle.model, featurizer=featurizer)
-        self.model_variables = list(bundle.model.variables)
+        # The current era's last frame is past the audio's end (its length is samples // hop,
+        # its frames 1 + samples // hop): the rewrite is given the valid frames only.
+        self.padded_frames = 1 if bundle.featurizer.era == "current" else 0
+        if unsupported_reason(bundle.model) is None:
+            self.encoder = tflite_encoder(bundle.model)
+        else:
+            self.encoder = None
+            self.model_variables = list(bundle.model.variables)
+        spec = tf.TensorSpec([1, None, int(bundle.featurizer.num_mels)], tf.float32, "features")
+        self.encode = tf.function(self._encode_signature, input_signature=[spec])
 
-    @tf.function(input_signature=[tf.TensorSpec([1, None], tf.float32, name="waveform")])
-    def logprobs(self, waveform):
+    def _features(self, waveform):
         lengths = tf.shape(waveform)[1:2]
         features, feature_lengths = self._runtime.featurizer(waveform, lengths, training=False)
-        logprobs, _ = self._runtime.model([features, feature_lengths], training=False)
+        if self.padded_frames:
+            features = features[:, : -self.padded_frames]
+        return features, feature_lengths
+
+    def _encode(self, features):
+        if self.encoder is not None:
+            return self.encoder(features, tf.shape(features)[1:2])[0]
+        lengths = tf.shape(features)[1:2]
+        return self._runtime.model([features, lengths], training=False)[0]
+
+    @staticmethod
+    def _poisoned(values, features):
         # TFLite has no assertions: non-finite features (audio far beyond full scale) must show
         # in the output instead, whatever the kernels do with NaN (fused activations may map it
         # to 0). zero * sum(features) is 0, or NaN exactly when some feature is not finite (NaN
         # and inf survive a sum). The zero comes from the input's length so that no converter
         # can fold it away: Grappler folds 0 * x, TFLite's converter folds x - x.
-        zero = tf.cast(lengths[0] // (lengths[0] + 1), tf.float32)
-        poison = zero * tf.reduce_sum(features)
-        return {"logprobs": logprobs + poison}
+        frames = tf.shape(features)[1]
+        zero = tf.cast(frames // (frames + 1), tf.float32)
+        return values + zero * tf.reduce_sum(features)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, None], tf.float32, name="waveform")])
+    def logprobs(self, waveform):
+        features, _ = self._features(waveform)
+        return {"logprobs": self._poisoned(self._encode(features), features)}
+
+    @tf.function(input_signature=[tf.TensorSpec([1, None], tf.float32, name="waveform")])
+    def features(self, waveform):
+        features, _ = self._features(waveform)
+        return {"features": self._poisoned(features, features)}
+
+    def _encode_signature(self, features):
+        return {"logprobs": self._encode(features)}
 
 
 def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
-    """Writes ``out_dir/<mode>.tflite`` for each mode; returns ``{mode: path}``."""
+    """Writes ``out_dir/<mode>.tflite`` and ``out_dir/encoder_<mode>.tflite`` for each mode and
+    ``out_dir/featurizer.tflite`` (float32); returns ``{file stem: path}``."""
     modes = list(modes)
     unknown = [m for m in modes if m not in MODES]
     if unknown:
@@ -93,16 +141,25 @@ def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module = WaveformToLogprobs(bundle)
-    signature = module.logprobs.get_concrete_function()
+    signatures = {
+        "serving_default": module.logprobs.get_concrete_function(),
+        "features": module.features.get_concrete_function(),
+        "encode": module.encode.get_concrete_function(),
+    }
     # Converting from a SavedModel saved once is several times faster than converting the
     # concrete function once per mode (the converter would save a SavedModel each time).
     staging = Path(tempfile.mkdtemp(prefix=".tflite-staging-", dir=out_dir))
     written = {}
     try:
-        tf.saved_model.save(module, str(staging), signatures={"serving_default": signature})
+        tf.saved_model.save(module, str(staging), signatures=signatures)
+        blob = lite.convert_saved_model(staging, "float32", signature="features")
+        written["featurizer"] = files.write_bytes(out_dir / FEATURIZER_FILE, blob)
         for mode in modes:
             blob = lite.convert_saved_model(staging, mode)
             written[mode] = files.write_bytes(out_dir / f"{mode}.tflite", blob)
+            blob = lite.convert_saved_model(staging, mode, signature="encode")
+            stem = encoder_file(mode)[: -len(".tflite")]
+            written[stem] = files.write_bytes(out_dir / encoder_file(mode), blob)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
@@ -111,11 +168,19 @@ def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
 class TFLiteRecognizer:
     """Runs a ``.tflite`` from :func:`convert_tflite` on one waveform at a time.
 
+    Given ``<mode>.tflite`` with ``featurizer.tflite`` and ``encoder_<mode>.tflite`` beside it
+    (exports since the inference rewrite), it runs the split pair, which XNNPACK runs about
+    twice as fast (see :class:`WaveformToLogprobs`); ``split=False`` runs the one file. Any
+    features-in model (``qn optimize``'s int8 ``model.tflite`` say) can stand in for the
+    encoder with ``encoder=PATH``.
+
     The checks the SavedModel makes in its graph are made here around the interpreter: the
     waveform must be finite and at least ``min_samples`` long (default: read from the export's
     ``assets.extra/qn_export.json`` beside the ``tflite/`` folder, else the 16 kHz front end's
     320), and log-probabilities that come out non-finite (the graph turns non-finite
     features into NaN outputs) raise :class:`~qn_keras.audio.AudioError` instead of decoding.
+
+    ``engine``: :data:`qn_keras.tflite.ENGINES` (``auto``: LiteRT when installed).
 
     Example:
         >>> runner = TFLiteRecognizer("BASE/NAME/1/tflite/dynamic.tflite")
@@ -129,15 +194,30 @@ class TFLiteRecognizer:
         num_threads: int | None = None,
         engine: str = "xnnpack",
         min_samples: int | None = None,
+        split: bool | None = None,
+        encoder=None,
     ):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"TFLite model not found: {self.path}")
         self.featurizer = _export_featurizer(self.path)
         self.min_samples = int(min_samples or self.featurizer.min_samples)
-        self.engine = engine
-        self.model = lite.TFLiteModel(self.path, num_threads or os.cpu_count(), engine)
+        threads = num_threads or os.cpu_count()
+        front = self.path.parent / FEATURIZER_FILE
+        encoder = Path(encoder) if encoder else self.path.parent / encoder_file(self.path.stem)
+        if split is None:
+            split = front.is_file() and encoder.is_file()
+        self.split = bool(split)
+        if self.split:
+            self.front = lite.TFLiteModel(front, threads, engine)
+            self.model = lite.TFLiteModel(encoder, threads, engine)
+        else:
+            self.front = None
+            self.model = lite.TFLiteModel(self.path, threads, engine)
+        self.engine = self.model.engine
         self.interpreter = self.model.interpreter
+        # A features-in model of `qn optimize` returns logits: log-softmax them here.
+        self._logits = self.split and self.model.output_name == "logits"
 
     def logprobs(self, waveform: np.ndarray, name: str = "audio") -> np.ndarray:
         """Log-probabilities ``[frames, vocabulary]`` of a mono float32 waveform; AudioError
@@ -145,14 +225,18 @@ class TFLiteRecognizer:
         waveform = np.asarray(waveform, dtype=np.float32).reshape(1, -1)
         cfg = self.featurizer
         check_waveform(waveform[0], self.min_samples, cfg.sample_rate, name=name)
-        logprobs = self.model(waveform)[0]
+        if self.front is None:
+            logprobs = self.model(waveform)[0]
+        else:
+            features = self.front(waveform)
+            logprobs = self.model(features)[0] if np.all(np.isfinite(features)) else features
         if not np.all(np.isfinite(logprobs)):
             raise AudioError(
                 "non_finite_features",
                 f"Features of {name} are not finite (audio far beyond full scale?); "
                 "nothing to transcribe.",
             )
-        return logprobs
+        return lite.log_softmax(logprobs) if self._logits else logprobs
 
 
 def _export_featurizer(tflite_path: Path) -> FeaturizerConfig:

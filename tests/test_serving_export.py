@@ -23,6 +23,10 @@ def test_layout_and_server_config():
     assert (version_dir / "variables").is_dir()
     assert sorted(p.name for p in (version_dir / "tflite").iterdir()) == [
         "dynamic.tflite",
+        "encoder_dynamic.tflite",
+        "encoder_float16.tflite",
+        "encoder_float32.tflite",
+        "featurizer.tflite",
         "float16.tflite",
         "float32.tflite",
     ]
@@ -146,28 +150,37 @@ def test_warmup_requests_replay():
 # range; measured worst 1.1e-4 (float16) and 1.5e-3 (dynamic) of scale on this model, hence
 # 1e-3 and 1e-2. Both stay below a dropped mask (6e-2 of scale, tests/test_parity_tolerances.py).
 @pytest.mark.parametrize(
-    "mode, rtol, engine",
+    "mode, rtol, engine, split",
     [
-        ("float32", SAME_MODEL_RTOL, "xnnpack"),
-        ("float32", SAME_MODEL_RTOL, "builtin"),
-        ("float16", 1e-3, "xnnpack"),
-        ("dynamic", 1e-2, "xnnpack"),
+        ("float32", SAME_MODEL_RTOL, "xnnpack", True),
+        ("float32", SAME_MODEL_RTOL, "xnnpack", False),
+        ("float32", SAME_MODEL_RTOL, "builtin", True),
+        ("float32", SAME_MODEL_RTOL, "litert", True),
+        ("float32", SAME_MODEL_RTOL, "litert", False),
+        ("float16", 1e-3, "xnnpack", True),
+        ("dynamic", 1e-2, "xnnpack", True),
+        ("dynamic", 1e-2, "litert", True),
     ],
 )
-def test_tflite_matches_keras(mode, rtol, engine):
+def test_tflite_matches_keras(mode, rtol, engine, split):
     path = su.export_dir() / "tflite" / f"{mode}.tflite"
-    runner = TFLiteRecognizer(path, num_threads=2, engine=engine)
+    runner = TFLiteRecognizer(path, num_threads=2, engine=engine, split=split)
+    assert runner.split == split and runner.engine == engine
     reference = su.keras_reference()
     mismatched = 0
     for waveform in su.sample_waveforms():
         ref_logprobs, ref_lengths = reference(waveform[None, :], np.array([len(waveform)]))
         logprobs = runner.logprobs(waveform)
-        assert logprobs.shape == ref_logprobs[0].shape
-        assert_logprobs_close(logprobs, ref_logprobs[0], rtol=rtol, what=f"TFLite {mode}")
+        # The TFLite graphs return the valid frames only (the Keras graph one padded frame more).
+        valid = int(ref_lengths[0])
+        assert logprobs.shape == ref_logprobs[0, :valid].shape
+        assert_logprobs_close(logprobs, ref_logprobs[0, :valid], rtol=rtol, what=f"TFLite {mode}")
         mismatched += su.greedy_texts(logprobs[None], ref_lengths) != su.greedy_texts(
             ref_logprobs, ref_lengths
         )
-    assert mismatched == 0
+    # LiteRT's dynamic-range kernels quantize activations on the fly (XNNPACK's QD8): within
+    # the same 1e-2 of scale, one of this random model's close greedy calls may flip.
+    assert mismatched <= (1 if (mode, engine) == ("dynamic", "litert") else 0)
     with pytest.raises(ValueError, match="Unknown TFLite engine 'gpu'"):
         TFLiteRecognizer(path, engine="gpu")
 

@@ -95,8 +95,8 @@ def write_tflite(path, blob: bytes) -> Path:
 class TFLiteRunner:
     """Runs a features-in TFLite model one utterance at a time (dynamic number of frames)."""
 
-    def __init__(self, model_path_or_bytes, num_threads: int | None = None):
-        self.model = lite.TFLiteModel(model_path_or_bytes, num_threads)
+    def __init__(self, model_path_or_bytes, num_threads: int | None = None, engine="xnnpack"):
+        self.model = lite.TFLiteModel(model_path_or_bytes, num_threads, engine)
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         """``[frames, num_features]`` float32 -> ``[frames', vocabulary]`` log-probabilities.
@@ -104,9 +104,7 @@ class TFLiteRunner:
         The model returns logits; log-softmax runs here in float64 -> float32, so integer
         models do not round their log-probabilities to 8 bits.
         """
-        logits = self.model(np.asarray(features, np.float32)[None])[0].astype(np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        return (logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))).astype(np.float32)
+        return lite.log_softmax(self.model(np.asarray(features, np.float32)[None])[0])
 
 
 def op_counts(model_path_or_bytes) -> Counter:
