@@ -68,9 +68,9 @@ def speed_table(paths: dict, threads=(1,), rounds=5) -> dict:
     for _ in range(rounds):
         for name, path in paths.items():
             for t in threads:
-                for xnnpack in (True, False):
-                    key = f"{name}|{'xnnpack' if xnnpack else 'builtin'}|{t}"
-                    result = speed(path, threads=t, xnnpack=xnnpack, repeat=2, invokes=5)
+                for engine in ("xnnpack", "builtin"):
+                    key = f"{name}|{engine}|{t}"
+                    result = speed(path, threads=t, engine=engine, repeat=2, invokes=5)
                     runs.setdefault(key, []).append(result)
     return {
         key: {k: statistics.median(r[k] for r in results) for k in ("cpu", "wall")}

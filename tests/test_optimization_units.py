@@ -159,6 +159,30 @@ def test_int8_ptq_is_integer_and_float16_stores_half_floats():
         tflite.convert(model, "int8")
 
 
+
+@pytest.mark.parametrize("engine", ["xnnpack", "litert"])
+def test_int8_ptq_runs_on_each_engine_close_to_the_float_model(engine):
+    """The integer model qn optimize ptq writes (rewritten graph: folded BN, depthwise pieces
+    of <= 25 taps) on TensorFlow's TFLite and on LiteRT, whose VNNI kernels make int8 pay off:
+    within int8 rounding of the float model, and the two runtimes within a few int8 steps."""
+    model = tiny_model(seed=5)
+    rng = np.random.default_rng(4)
+    representative = [rng.normal(size=(int(n), 64)).astype(np.float32) for n in (60, 90, 75)]
+    int8 = tflite.convert(model, "int8", representative_features=representative)
+    features = representative[1]
+    got = tflite.TFLiteRunner(int8, num_threads=2, engine=engine)(features)
+    want = tf.nn.log_softmax(model([features[None], np.array([90])])[0]).numpy()[0]
+    assert got.shape == want[: got.shape[0]].shape == (45, 29)
+    scale = np.abs(want).max()
+    assert np.abs(got - want[:45]).max() <= 0.03 * scale  # measured 0.6%
+    assert (got.argmax(-1) == want[:45].argmax(-1)).mean() >= 0.9
+    other = "litert" if engine == "xnnpack" else "xnnpack"
+    twin = tflite.TFLiteRunner(int8, num_threads=1, engine=other)(features)
+    assert np.abs(got - twin).max() <= 0.02 * scale
+    float32 = tflite.TFLiteRunner(tflite.convert(model, "float32"), engine=engine)(features)
+    np.testing.assert_allclose(float32, want[:45], atol=1e-4 * scale)
+
+
 @pytest.mark.parametrize("preset", ["quartznet_5x5_g4", "jasper_10x5", "contextnet_5x5"])
 def test_layer_macs_sum_to_the_summary(preset):
     kwargs = preset_kwargs(preset)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from qn_keras import files
+from qn_keras import tflite as lite
 from qn_keras.errors import UserInputError
 from qn_keras.model_dir import load_model_dir
 from qn_keras.optimization import costs, prune, tflite
@@ -53,6 +54,7 @@ COLUMNS = (
     ("mmacs_16bit", "MMACs/s (16-bit norm.)", "{:.2f}"),
     ("tflite_bytes", "TFLite (bytes)", "{:,}"),
     ("tflite_gzip_bytes", "TFLite gzip (bytes)", "{:,}"),
+    ("speed_litert_cpu", "speed LiteRT (audio s/s)", "{:.0f}"),
     ("speed_xnnpack_cpu", "speed XNNPACK (audio s/s)", "{:.0f}"),
     ("speed_builtin_cpu", "speed built-in (audio s/s)", "{:.0f}"),
 )
@@ -94,9 +96,18 @@ def _kernels(bundle) -> list[np.ndarray]:
 
 
 def evaluate_configuration(
-    path, utterances_cache, manifest, *, threads: int | None = 1, keras: bool = True, limit=None
+    path,
+    utterances_cache,
+    manifest,
+    *,
+    threads: int | None = 1,
+    keras: bool = True,
+    limit=None,
+    engine: str = "auto",
 ) -> dict:
-    """One row of the report for the ``qn optimize`` output (or model folder) at ``path``."""
+    """One row of the report for the ``qn optimize`` output (or model folder) at ``path``;
+    WER and the audio-per-second figure through the TFLite ``engine``."""
+    runtime = (threads, lite.resolve_engine(engine))
     model_dir = resolve_model_dir(path)
     bundle = load_model_dir(model_dir)
     info = bundle.metadata.get(OPTIMIZATION_KEY) or {
@@ -114,10 +125,10 @@ def evaluate_configuration(
             blob = tflite.convert(bundle.model, "float32", num_features=_num_features(bundle))
             path = tflite.write_tflite(Path(tmp) / TFLITE_FILE, blob)
             return _row(
-                bundle, info, model_dir, path, utterances_cache, manifest, threads, keras, limit
+                bundle, info, model_dir, path, utterances_cache, manifest, runtime, keras, limit
             )
     return _row(
-        bundle, info, model_dir, tflite_path, utterances_cache, manifest, threads, keras, limit
+        bundle, info, model_dir, tflite_path, utterances_cache, manifest, runtime, keras, limit
     )
 
 
@@ -125,7 +136,8 @@ def _num_features(bundle) -> int:
     return bundle.model.inputs[0].shape[-1]
 
 
-def _row(bundle, info, model_dir, tflite_path, utterances_cache, manifest, threads, keras, limit):
+def _row(bundle, info, model_dir, tflite_path, utterances_cache, manifest, runtime, keras, limit):
+    threads, engine = runtime
     key = json.dumps(
         [bundle.featurizer.to_dict(), list(bundle.tokenizer.labels), limit], sort_keys=True
     )
@@ -135,7 +147,7 @@ def _row(bundle, info, model_dir, tflite_path, utterances_cache, manifest, threa
         utterances_cache[key] = load_features(manifest, bundle, cache_dir, limit=limit)
     utts = utterances_cache[key]
 
-    runner = tflite.TFLiteRunner(tflite_path, num_threads=threads)
+    runner = tflite.TFLiteRunner(tflite_path, num_threads=threads, engine=engine)
     tflite_hyps = transcribe(runner, utts, bundle.tokenizer)
     row = {"name": info.get("name"), "kind": info.get("kind"), "precision": info.get("precision")}
     row.update(score(utts, tflite_hyps))
@@ -172,6 +184,7 @@ def _row(bundle, info, model_dir, tflite_path, utterances_cache, manifest, threa
             ),
             **_speeds(tflite_path, _num_features(bundle), threads),
             "threads": threads,
+            "engine": engine,
             "target_sparsity": info.get("target_sparsity"),
             "path": str(model_dir),
         }
@@ -181,11 +194,13 @@ def _row(bundle, info, model_dir, tflite_path, utterances_cache, manifest, threa
 
 def _speeds(tflite_path, num_features, threads) -> dict:
     out = {}
-    for xnnpack in (True, False):
+    engines = (
+        ("litert", "xnnpack", "builtin") if lite.litert_available() else ("xnnpack", "builtin")
+    )
+    for engine in engines:
         result = tflite.speed(
-            tflite_path, num_features=num_features, threads=threads or 1, xnnpack=xnnpack
+            tflite_path, num_features=num_features, threads=threads or 1, engine=engine
         )
-        engine = "xnnpack" if xnnpack else "builtin"
         out[f"speed_{engine}_cpu"] = result["cpu"]
         out[f"speed_{engine}_wall"] = result["wall"]
     return out
@@ -272,8 +287,9 @@ def write_report(rows: list[dict], out_dir, manifest, extra: dict | None = None)
         "32 bits (16 for float16). MACs per second of audio; 16-bit normalized = "
         "MACs * w_bits * a_bits / 256 per layer. Speed: seconds of audio per CPU second, "
         "TFLite, model only (features precomputed), fixed 5 s input, batch 1, "
-        f"{rows[0].get('threads') if rows else '-'} thread(s), with the default XNNPACK "
-        "delegate and with TFLite's built-in kernels.",
+        f"{rows[0].get('threads') if rows else '-'} thread(s): the LiteRT runtime (when "
+        "installed), TensorFlow's TFLite with its default XNNPACK delegate, and with TFLite's "
+        f"built-in kernels. WER through the {rows[0].get('engine') if rows else '-'} engine.",
         "",
     ]
     files.write_text(out_dir / REPORT_MD, "\n".join(md))
@@ -297,6 +313,7 @@ def run_report(
     keras: bool = True,
     limit: int | None = None,
     progress: bool = True,
+    engine: str = "auto",
 ) -> dict:
     if not configs:
         raise UserInputError("--configs needs at least one model folder.")
@@ -311,6 +328,8 @@ def run_report(
         iterator = tqdm(configs, desc="configurations", unit="model")
     for path in iterator:
         rows.append(
-            evaluate_configuration(path, cache, manifest, threads=threads, keras=keras, limit=limit)
+            evaluate_configuration(
+                path, cache, manifest, threads=threads, keras=keras, limit=limit, engine=engine
+            )
         )
     return write_report(rows, out_dir, manifest)

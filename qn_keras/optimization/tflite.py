@@ -165,7 +165,7 @@ def speed(
     frames: int = 500,
     num_features: int = 64,
     threads: int = 1,
-    xnnpack: bool = True,
+    engine: str = "xnnpack",
     repeat: int = 5,
     invokes: int = 10,
     frames_per_second: float = 100.0,
@@ -174,11 +174,10 @@ def speed(
 
     A fixed shape, because every new input length makes the interpreter re-plan (and, with the
     XNNPACK delegate, re-pack the weights), which would swamp the kernels being compared.
-    ``xnnpack=False`` uses TFLite's built-in kernels only. Returns the best of ``repeat`` runs of
+    ``engine``: one of :data:`qn_keras.tflite.ENGINES`. Returns the best of ``repeat`` runs of
     ``invokes`` calls, per wall-clock second and per CPU second of this process (on a shared
     machine the CPU-time figure is the stable one; with one thread they agree on an idle one).
     """
-    engine = "xnnpack" if xnnpack else "builtin"
     interpreter = lite.interpreter(model_path_or_bytes, num_threads=threads, engine=engine)
     detail = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(detail["index"], [1, frames, num_features])
