@@ -5,13 +5,18 @@ For QuartzNet 5x5 and 15x5 (random weights: speed does not depend on them), batc
 
 - `keras`: the Keras model as a user runs it: featurizer layer, `model.predict_on_batch`,
   greedy decoding in NumPy;
-- `savedmodel`: the exported `serving_default` signature (featurizer, model and greedy
-  decoding in one graph), loaded with tf.saved_model.load;
-- `tflite_float32`, `tflite_dynamic`: the exported .tflite files (batch 1 graphs: a batch of
-  8 is 8 invocations), 2 threads, greedy decoding in NumPy;
+- `savedmodel_keras_graph`: the `serving_default` graph without the inference rewrite (the
+  Keras layers as trained: what exports served before `qn_keras.inference_graph`);
+- `savedmodel`: the exported `serving_default` signature (featurizer, rewritten encoder and
+  greedy decoding in one graph), loaded with tf.saved_model.load;
+- `tflite_*`: the exported split TFLite pair (`featurizer.tflite` + `encoder_<mode>.tflite`,
+  batch 1: a batch of 8 is 8 invocations) with greedy decoding in NumPy, on TensorFlow 2.15's
+  TFLite with XNNPACK (`tflite_`) or on the LiteRT runtime (`litert_`), 1 or 2 threads
+  (`_1t`, `_2t`); `_int8` is the full-integer encoder of `qn optimize ptq --mode int8`
+  (calibrated on 16 speech-mini train utterances) behind the same float featurizer;
 - `nemo_pytorch`, `nemo_onnxruntime`: NVIDIA NeMo's own model of the same size in PyTorch
   and its ONNX export in ONNX Runtime (bench/nemo_inference_worker.py, run in .venv-nemo on
-  the same clips, when that venv exists).
+  the same clips, when that venv exists and --no-nemo is not given).
 
 Then the local server (`qn serve`, 5x5) under 8 concurrent clients (4 REST, 4 gRPC) sending
 5 s WAV files to `transcribe_wav` for --server-seconds: throughput, p50/p99 latency, failures.
@@ -44,12 +49,18 @@ DEFAULT_MANIFEST = REPO.parent / "shared" / "data" / "speech-mini" / "dev.json"
 CONFIGS = {"b1_20s": (1, 20.0), "b8_5s": (8, 5.0)}
 ENGINES = (
     "keras",
+    "savedmodel_keras_graph",
     "savedmodel",
-    "tflite_float32",
-    "tflite_dynamic",
+    "tflite_float32_1t",
+    "tflite_float32_2t",
+    "litert_float32_1t",
+    "litert_float32_2t",
+    "litert_int8_1t",
+    "litert_int8_2t",
     "nemo_pytorch",
     "nemo_onnxruntime",
 )
+CALIBRATION_MANIFEST = REPO.parent / "shared" / "data" / "speech-mini" / "train.json"
 
 
 def make_clips(manifest: Path) -> dict[str, np.ndarray]:
@@ -90,13 +101,30 @@ def timed(fn, min_runs: int, min_seconds: float) -> list[float]:
     return times
 
 
-def tf_engines(preset: str, workdir: Path):
+def calibration_features(bundle, manifest: Path, count: int = 16) -> list[np.ndarray]:
+    """Features of the first ``count`` utterances of ``manifest`` for int8 calibration."""
+    from qn_keras.audio import decode_audio
+
+    entries = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    featurizer = bundle.featurizer_layer()
+    out = []
+    for entry in entries[:count]:
+        audio = decode_audio(manifest.parent / entry["audio_filepath"])[None]
+        features, lengths = featurizer(audio, [audio.shape[1]], training=False)
+        out.append(features[0, : int(lengths[0])].numpy())
+    return out
+
+
+def tf_engines(preset: str, workdir: Path, calibration: Path):
     """name -> fn(waveform [B, S], lengths [B]) -> transcripts, plus the export folder."""
     import tensorflow as tf
 
+    from qn_keras import tflite as lite
     from qn_keras.decoding import greedy_decode_batch
     from qn_keras.featurizer import FeaturizerConfig
+    from qn_keras.inference import SpeechRecognizer
     from qn_keras.model_dir import ModelBundle
+    from qn_keras.optimization import tflite as optimization_tflite
     from qn_keras.presets import build_model
     from qn_keras.tokenizer import CharTokenizer
     from serving.export import export_model
@@ -106,8 +134,9 @@ def tf_engines(preset: str, workdir: Path):
     tokenizer = CharTokenizer()
     bundle = ModelBundle(build_model(preset), tokenizer, FeaturizerConfig())
     # With warmup requests: the server replays them at load, as TF Serving does.
-    version_dir = export_model(bundle, workdir, preset, tflite_modes=("float32", "dynamic"))
+    version_dir = export_model(bundle, workdir, preset, tflite_modes=("float32",))
     loaded = tf.saved_model.load(str(version_dir))
+    unrewritten = SpeechRecognizer(bundle, rewrite=False)
     featurizer = bundle.featurizer_layer()
     blank = tokenizer.blank_id
 
@@ -122,8 +151,22 @@ def tf_engines(preset: str, workdir: Path):
         out = signature(waveform=tf.constant(waveform), lengths=tf.constant(lengths))
         return [t.decode() for t in out["transcripts"].numpy()]
 
-    def tflite(mode):
-        runner = TFLiteRecognizer(version_dir / "tflite" / f"{mode}.tflite", num_threads=2)
+    def keras_graph(waveform, lengths):
+        out = unrewritten.serving_default(tf.constant(waveform), tf.constant(lengths))
+        return [t.decode() for t in out["transcripts"].numpy()]
+
+    int8_path = workdir / f"{preset}_int8.tflite"
+    representative = calibration_features(bundle, calibration) if calibration.is_file() else None
+    if representative:
+        blob = optimization_tflite.convert(
+            bundle.model, "int8", representative_features=representative
+        )
+        int8_path.write_bytes(blob)
+
+    def tflite(engine, threads, encoder=None):
+        runner = TFLiteRecognizer(
+            version_dir / "tflite" / "float32.tflite", threads, engine, encoder=encoder
+        )
 
         def run(waveform, lengths):
             texts = []
@@ -137,10 +180,19 @@ def tf_engines(preset: str, workdir: Path):
 
     engines = {
         "keras": keras,
+        "savedmodel_keras_graph": keras_graph,
         "savedmodel": savedmodel,
-        "tflite_float32": tflite("float32"),
-        "tflite_dynamic": tflite("dynamic"),
+        "tflite_float32_1t": tflite("xnnpack", 1),
+        "tflite_float32_2t": tflite("xnnpack", 2),
     }
+    if lite.litert_available():
+        engines["litert_float32_1t"] = tflite("litert", 1)
+        engines["litert_float32_2t"] = tflite("litert", 2)
+        if representative:
+            engines["litert_int8_1t"] = tflite("litert", 1, int8_path)
+            engines["litert_int8_2t"] = tflite("litert", 2, int8_path)
+    else:
+        print("LiteRT rows skipped: ai-edge-litert is not installed", file=sys.stderr)
     return engines, version_dir
 
 
@@ -275,7 +327,8 @@ def main(argv=None):
     parser.add_argument("--min-runs", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=10.0)
     parser.add_argument("--server-seconds", type=float, default=60.0)
-    parser.add_argument("--no-nemo", action="store_true")
+    parser.add_argument("--no-nemo", action="store_true", help="skip NeMo's rows")
+    parser.add_argument("--calibration", type=Path, default=CALIBRATION_MANIFEST)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "inference.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -287,7 +340,7 @@ def main(argv=None):
     np.savez(clips_path, **clips)
     results, exports = [], {}
     for preset in args.presets:
-        engines, exports[preset] = tf_engines(preset, workdir / "exports")
+        engines, exports[preset] = tf_engines(preset, workdir / "exports", args.calibration)
         for config in CONFIGS:
             waveform, lengths = clips[f"{config}_waveform"], clips[f"{config}_lengths"]
             for engine, fn in engines.items():
@@ -307,18 +360,24 @@ def main(argv=None):
                 )
                 print(json.dumps(results[-1]), flush=True)
     versions = {"tensorflow": tf.__version__, "python": platform.python_version()}
+    nemo_note = "NeMo rows skipped (--no-nemo)"
     if not args.no_nemo:
         nemo = run_nemo(clips_path, workdir / "nemo.json", args.presets, args)
+        nemo_note = "NeMo rows skipped (no .venv-nemo or the worker failed)"
         if nemo:
             results += nemo["results"]
             versions.update(nemo["versions"])
+            nemo_note = None
+    if nemo_note:
+        print(nemo_note, file=sys.stderr)
     server = None
     if args.server_seconds > 0 and "quartznet_5x5" in exports:
         clip = clips["b8_5s_waveform"][0]
         server = bench_server(exports["quartznet_5x5"].parent, clip, args.server_seconds)
         print(json.dumps(server), flush=True)
     report = {
-        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "machine": machine(),
+        "nemo": nemo_note or "measured",
         "versions": versions,
         "results": results,
         "server": server,
@@ -326,6 +385,33 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(markdown(results, server))
+    m = report["machine"]
+    print(
+        f"\nMachine: {m['cpu']} ({m['cpus']} CPUs; {m['isa']}); load average at start "
+        f"{m['load_average_start'][0]:.2f}." + (f" {nemo_note}." if nemo_note else "")
+    )
+
+
+def machine() -> dict:
+    """The CPU model, its vector/matrix extensions, CPU count and load, for every figure."""
+    info = {"cpu": platform.processor() or "unknown", "isa": "", "cpus": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+                info["isa"] = " ".join(f for f in wanted if f in flags)
+                break
+    except OSError:
+        pass
+    info["load_average_start"] = LOAD_AT_START
+    return info
+
+
+LOAD_AT_START = os.getloadavg()
 
 
 if __name__ == "__main__":

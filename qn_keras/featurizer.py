@@ -328,10 +328,14 @@ class LogMelSpectrogram(tf.keras.layers.Layer):
     def frames_to_log_mel(self, frames):
         """``[batch, frames, n_fft]`` windows of the pre-emphasized waveform to un-normalised
         log-mel ``[batch, frames, num_mels]`` (the streaming front end frames its own)."""
-        spectrum = tf.signal.rfft(frames * self._fft_window, fft_length=[self.config.n_fft])
-        power = tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
+        power = self._power_spectrum(frames)
         mel = self._mel_projection(power)  # [B, T, mels]
         return tf.math.log(mel + LOG_ZERO_GUARD)
+
+    def _power_spectrum(self, frames):
+        # A hook: the TFLite front end computes the same DFT as one matmul.
+        spectrum = tf.signal.rfft(frames * self._fft_window, fft_length=[self.config.n_fft])
+        return tf.math.square(tf.math.real(spectrum)) + tf.math.square(tf.math.imag(spectrum))
 
     def _mel_projection(self, power):
         # A hook: TFLite export overrides it to keep the filterbank out of int8 quantization.

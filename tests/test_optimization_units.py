@@ -159,7 +159,6 @@ def test_int8_ptq_is_integer_and_float16_stores_half_floats():
         tflite.convert(model, "int8")
 
 
-
 @pytest.mark.parametrize("engine", ["xnnpack", "litert"])
 def test_int8_ptq_runs_on_each_engine_close_to_the_float_model(engine):
     """The integer model qn optimize ptq writes (rewritten graph: folded BN, depthwise pieces
