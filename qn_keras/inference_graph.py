@@ -100,6 +100,14 @@ class _Conv:
         self.bias = None if bias is None else tf.Variable(bias, trainable=False, name=f"{name}_b")
         module._variables.extend(v for v in (self.kernel, self.bias) if v is not None)
         self.stride, self.dilation, self.padding, self.groups = stride, dilation, padding, groups
+        self.spread = None
+        if dilation > 1 and module.max_taps:
+            # The dilated kernel with zeros between its taps (see _split_depthwise).
+            taps = kernel.shape[1]
+            spread = np.zeros((1, dilation * (taps - 1) + 1, *kernel.shape[2:]), kernel.dtype)
+            spread[:, ::dilation] = kernel
+            self.spread = tf.Variable(spread, trainable=False, name=f"{name}_spread")
+            module._variables.append(self.spread)
 
     def pointwise(self, x):
         y = tf.nn.conv2d(x, self.kernel, 1, "VALID")
@@ -236,45 +244,42 @@ class InferenceEncoder(tf.Module):
             if self.masks:
                 x = self._masked(x, lengths)
             x = tf.pad(x, [[0, 0], [0, 0], [left, right], [0, 0]])
-        strides = [1, 1, conv.stride, 1]
-        dilations = [1, conv.dilation]
-        if depthwise and self.max_taps and kernel_size > self.max_taps:
+        # Height is 1, so striding it too changes nothing; TensorFlow's own (non-oneDNN)
+        # depthwise kernel accepts only equal strides.
+        strides = [1, conv.stride, conv.stride, 1]
+        if depthwise and self.max_taps and (kernel_size > self.max_taps or conv.dilation > 1):
             y = self._split_depthwise(conv, x)
         elif depthwise:
-            y = tf.nn.depthwise_conv2d(x, conv.kernel, strides, "VALID", dilations=dilations)
+            y = tf.nn.depthwise_conv2d(
+                x, conv.kernel, strides, "VALID", dilations=[1, conv.dilation]
+            )
         else:
             y = tf.nn.conv2d(x, conv.kernel, strides, "VALID", dilations=[1, 1, conv.dilation, 1])
             y = tf.nn.bias_add(y, conv.bias)
         return y, self._lengths(lengths, kernel_size, conv.stride, conv.dilation, pad)
 
     def _split_depthwise(self, conv: _Conv, x):
-        """A long depthwise kernel as a sum of convolutions of at most ``max_taps`` taps over
-        shifted views of the (padded) input: XNNPACK's depthwise kernels handle up to 25 taps
-        in one pass and fall back to a path about 10x slower beyond (TFLite in TensorFlow
-        2.15 and LiteRT 2.3, measured), while QuartzNet's kernels are 33-87 taps long.
+        """A long or dilated depthwise kernel as a sum of undilated convolutions of at most
+        ``max_taps`` taps over shifted views of the (padded) input, for TFLite: XNNPACK's
+        depthwise kernels handle up to 25 taps in one pass and fall back to a path about 10x
+        slower beyond (TFLite in TensorFlow 2.15 and LiteRT 2.3, measured), while QuartzNet's
+        kernels are 33-87 taps long; and a dilated convolution becomes space_to_batch with
+        paddings computed at run time (shapes TFLite cannot plan), so dilation is spelled out
+        as zeros between the taps instead.
 
-        Piece ``[a, a + k)`` of the taps reads ``x[d*a : len - d*(K - a - k)]``: the same
+        Piece ``[a, a + k)`` of the ``K`` taps reads ``x[a : len - (K - a - k)]``: the same
         output length as the whole kernel, and slice bounds that are constants relative to
         the ends, so TFLite knows every shape when it allocates (no dynamic tensors)."""
-        kernel_size = int(conv.kernel.shape[1])
-        d = conv.dilation
+        kernel = conv.spread if conv.dilation > 1 else conv.kernel
+        kernel_size = int(kernel.shape[1])
+        strides = [1, conv.stride, conv.stride, 1]
         pieces = []
         for start in range(0, kernel_size, self.max_taps):
             taps = min(self.max_taps, kernel_size - start)
-            tail = d * (kernel_size - start - taps)
-            view = x[:, :, d * start : (-tail if tail else None)]
-            # The raw op keeps the dilation an attribute (TFLite's DEPTHWISE_CONV_2D has
-            # one): tf.nn.depthwise_conv2d would rewrite it into space_to_batch with
-            # computed paddings, shapes TFLite only learns while running.
-            pieces.append(
-                tf.raw_ops.DepthwiseConv2dNative(
-                    input=view,
-                    filter=conv.kernel[:, start : start + taps],
-                    strides=[1, 1, conv.stride, 1],
-                    padding="VALID",
-                    dilations=[1, 1, d, 1],
-                )
-            )
+            tail = kernel_size - start - taps
+            view = x[:, :, start : (-tail if tail else None)]
+            piece = kernel[:, start : start + taps]
+            pieces.append(tf.nn.depthwise_conv2d(view, piece, strides, "VALID"))
         # Pairwise adds, not add_n: XNNPACK takes ADD but not ADD_N, and every op it does not
         # take splits the graph into separately scheduled partitions.
         total = pieces[0]
