@@ -13,8 +13,9 @@ import types
 import tensorflow as tf
 
 from qn_keras.decoding import tf_greedy_decode
+from qn_keras.errors import UserInputError
 from qn_keras.featurizer import LogMelSpectrogram
-from qn_keras.inference_graph import InferenceEncoder, unsupported_reason
+from qn_keras.inference_graph import InferenceEncoder, bfloat16_supported, unsupported_reason
 from qn_keras.quartznet_backbone import output_stride
 
 WAVEFORM_SPEC = tf.TensorSpec([None, None], tf.float32, name="waveform")
@@ -145,7 +146,7 @@ class SpeechRecognizer(tf.Module):
         TensorShape([1])
     """
 
-    def __init__(self, bundle, name=None, rewrite: bool = True):
+    def __init__(self, bundle, name=None, rewrite: bool = True, precision: str = "float32"):
         super().__init__(name=name)
         # The bundle's own front end: imported NeMo models carry their filterbank and window.
         featurizer = bundle.featurizer_layer()
@@ -154,8 +155,13 @@ class SpeechRecognizer(tf.Module):
         # The encoder runs as qn_keras.inference_graph rewrites it (BN folded, fast layout,
         # fewer masks) where it can; the reason it cannot is kept for the export metadata.
         self.rewrite_refused = "disabled" if not rewrite else unsupported_reason(bundle.model)
+        self.precision = precision
+        if precision != "float32":
+            why = self.rewrite_refused or bfloat16_supported()
+            if why:
+                raise UserInputError(f"Cannot serve this model in {precision}: {why}.")
         if self.rewrite_refused is None:
-            self.inference_encoder = InferenceEncoder(bundle.model)
+            self.inference_encoder = InferenceEncoder(bundle.model, compute_dtype=precision)
         else:
             self.model_variables = list(bundle.model.variables)
         self.labels = list(bundle.tokenizer.labels)

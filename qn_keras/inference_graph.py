@@ -34,6 +34,9 @@ from qn_keras.quartznet_backbone import same_padding, scale_kernel_size
 
 # XNNPACK's depthwise convolutions are fast up to 25 taps (see _split_depthwise).
 XNNPACK_MAX_TAPS = 25
+# bfloat16: weights stored and convolutions run in bfloat16 (oneDNN's AVX512-BF16 / AMX
+# kernels), log-softmax in float32; see bfloat16_supported().
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 _KNOWN_LAYERS = (
     tf.keras.layers.InputLayer,
@@ -96,8 +99,13 @@ class _Conv:
     folded BN bias, optional channel shuffle."""
 
     def __init__(self, module, name, kernel, bias, *, stride, dilation, padding, groups):
-        self.kernel = tf.Variable(kernel, trainable=False, name=f"{name}_kernel")
-        self.bias = None if bias is None else tf.Variable(bias, trainable=False, name=f"{name}_b")
+        dtype = module.compute_dtype
+        self.kernel = tf.Variable(tf.cast(kernel, dtype), trainable=False, name=f"{name}_kernel")
+        self.bias = (
+            None
+            if bias is None
+            else tf.Variable(tf.cast(bias, dtype), trainable=False, name=f"{name}_b")
+        )
         module._variables.extend(v for v in (self.kernel, self.bias) if v is not None)
         self.stride, self.dilation, self.padding, self.groups = stride, dilation, padding, groups
         self.spread = None
@@ -106,7 +114,9 @@ class _Conv:
             taps = kernel.shape[1]
             spread = np.zeros((1, dilation * (taps - 1) + 1, *kernel.shape[2:]), kernel.dtype)
             spread[:, ::dilation] = kernel
-            self.spread = tf.Variable(spread, trainable=False, name=f"{name}_spread")
+            self.spread = tf.Variable(
+                tf.cast(spread, module.compute_dtype), trainable=False, name=f"{name}_spread"
+            )
             module._variables.append(self.spread)
 
     def pointwise(self, x):
@@ -126,10 +136,21 @@ class InferenceEncoder(tf.Module):
         >>> logprobs, lengths = encoder(features, feature_lengths)  # doctest: +SKIP
     """
 
-    def __init__(self, model, *, max_taps: int | None = None, masks: bool = True, name=None):
+    def __init__(
+        self,
+        model,
+        *,
+        max_taps: int | None = None,
+        masks: bool = True,
+        compute_dtype: str = "float32",
+        name=None,
+    ):
         super().__init__(name=name)
+        if compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}: {compute_dtype!r}")
         self.max_taps = max_taps
         self.masks = masks
+        self.compute_dtype = tf.as_dtype(compute_dtype)
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"InferenceEncoder cannot rewrite this model: {reason}.")
@@ -175,7 +196,7 @@ class InferenceEncoder(tf.Module):
         self.head_bias = self._copy(head.bias)
 
     def _copy(self, variable, value=None) -> tf.Variable:
-        value = variable.numpy() if value is None else value
+        value = tf.cast(variable.numpy() if value is None else value, self.compute_dtype)
         copy = tf.Variable(value, trainable=False, name=variable.name.split(":")[0])
         self._variables.append(copy)
         return copy
@@ -319,7 +340,7 @@ class InferenceEncoder(tf.Module):
         lengths = tf.cast(lengths, tf.int32)
         # expand_dims / squeeze rather than reshapes to computed shapes: TFLite then knows
         # every shape when it allocates, which XNNPACK needs to take the graph.
-        x = tf.expand_dims(features, 1)
+        x = tf.expand_dims(tf.cast(features, self.compute_dtype), 1)
         dense = [(x, lengths)]
         for cfg, subs, residuals, se in self.blocks:
             block_input, block_lengths = dense[-1]
@@ -349,7 +370,7 @@ class InferenceEncoder(tf.Module):
         # The head as a 1x1 convolution with bias, like the other convolutions (TFLite's
         # float16 and integer modes then treat its weights like theirs).
         logits = tf.nn.bias_add(tf.nn.conv2d(y, self.head_kernel, 1, "VALID"), self.head_bias)
-        return tf.squeeze(logits, 1), y_lengths
+        return tf.cast(tf.squeeze(logits, 1), tf.float32), y_lengths
 
 
 def tflite_encoder(model) -> InferenceEncoder:
@@ -358,3 +379,20 @@ def tflite_encoder(model) -> InferenceEncoder:
     XNNPACK, and no op whose output shape TFLite would only learn while running (XNNPACK
     leaves such ops, and everything after them, to TFLite's slower built-in kernels)."""
     return InferenceEncoder(model, max_taps=XNNPACK_MAX_TAPS, masks=False)
+
+
+def bfloat16_supported() -> str | None:
+    """None if this process can run bfloat16 convolutions, else why not: they need oneDNN
+    (``TF_ENABLE_ONEDNN_OPTS`` not 0) and a CPU with AVX512-BF16 or AMX (oneDNN finds no
+    kernel on AVX2 CPUs, or under ``ONEDNN_MAX_CPU_ISA=AVX2``)."""
+    x = tf.ones([1, 1, 8, 4], tf.bfloat16)
+    try:
+        tf.nn.depthwise_conv2d(x, tf.ones([1, 3, 4, 1], tf.bfloat16), [1, 1, 1, 1], "VALID")
+        tf.nn.conv2d(x, tf.ones([1, 1, 4, 4], tf.bfloat16), 1, "VALID").numpy()
+    except (tf.errors.OpError, NotImplementedError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        return (
+            "bfloat16 inference needs oneDNN (TF_ENABLE_ONEDNN_OPTS unset or 1) and a CPU with "
+            f"AVX512-BF16 or AMX; this one cannot run it ({first_line})"
+        )
+    return None

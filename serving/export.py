@@ -112,8 +112,8 @@ class ServingModule(SpeechRecognizer):
     checks of ``serving_default``.
     """
 
-    def __init__(self, bundle, name=None):
-        super().__init__(bundle, name=name)
+    def __init__(self, bundle, name=None, precision: str = "float32"):
+        super().__init__(bundle, name=name, precision=precision)
         from serving.streaming import stream_model_for, text_step_function
 
         # Models trained with a lookahead also get the stream_step signature.
@@ -266,12 +266,15 @@ def export_model(
     batching: BatchingParameters | None = None,
     warmup: bool = True,
     tflite_modes: tuple[str, ...] = (),
+    precision: str = "float32",
 ) -> Path:
     """Writes ``export_base/name/version/`` (next free version by default) and the server
     config beside it; returns the version folder. Existing versions are never overwritten.
 
     ``tflite_modes`` (from :data:`serving.tflite.MODES`) also writes
-    ``version/tflite/<mode>.tflite``; TF Serving ignores that folder.
+    ``version/tflite/<mode>.tflite``; TF Serving ignores that folder. ``precision="bfloat16"``
+    runs the encoder in bfloat16 (CPUs with AVX512-BF16 or AMX; refused elsewhere), for
+    speed at a small cost in accuracy (BENCHMARKS.md "Inference"); the default is float32.
     """
     _check_name(name)
     from serving.tflite import MODES
@@ -294,7 +297,7 @@ def export_model(
     # The version folder appears whole or not at all; rename() refuses a non-empty target, so
     # two concurrent exports cannot both win.
     with files.atomic_directory(target) as tmp:
-        module = ServingModule(bundle)
+        module = ServingModule(bundle, precision=precision)
         tf.saved_model.save(module, str(tmp), signatures=serving_signatures(module))
         check_stock_ops(tmp)
         extra = tmp / "assets.extra"
@@ -318,6 +321,7 @@ def export_model(
             "metadata": bundle.metadata,
             # "rewritten" (qn_keras.inference_graph) or why the Keras graph is served as is.
             "encoder_graph": module.rewrite_refused or "rewritten",
+            "precision": precision,
         }
         if module.streamer is not None:
             from serving.streaming import stream_metadata

@@ -14,7 +14,7 @@ from test_model_arithmetic import TINY, _layer_weights, _padded, _tiny
 
 from qn_keras.featurizer import FeaturizerConfig
 from qn_keras.inference import SpeechRecognizer
-from qn_keras.inference_graph import InferenceEncoder, unsupported_reason
+from qn_keras.inference_graph import InferenceEncoder, bfloat16_supported, unsupported_reason
 from qn_keras.model_dir import ModelBundle
 from qn_keras.presets import build_model
 from qn_keras.quartznet_backbone import lookahead_padding
@@ -140,3 +140,40 @@ def test_the_export_saves_only_the_folded_variables(tmp_path):
     saved = sum(int(np.prod(shape)) for name, shape in shapes.items() if "VARIABLE_VALUE" in name)
     # Folding removes the BN statistics and adds one bias per folded convolution.
     assert saved < model.count_params()
+
+
+def _head_scaled_tiny(seed):
+    tf.keras.utils.set_random_seed(seed)
+    model = QuartzNetCTC(vocabulary_size=29, **su.TINY_BLOCKS)
+    su.randomize_batch_norm(model, seed)
+    kernel, bias = model.get_layer("ctc_head_conv").get_weights()
+    model.get_layer("ctc_head_conv").set_weights([kernel * 3.0, bias])
+    return model
+
+
+@pytest.mark.skipif(bfloat16_supported() is not None, reason="needs oneDNN and AVX512-BF16 or AMX")
+def test_bfloat16_serving_stays_close_to_float32():
+    bundle = ModelBundle(_head_scaled_tiny(6), CharTokenizer(), FeaturizerConfig())
+    full, half = SpeechRecognizer(bundle), SpeechRecognizer(bundle, precision="bfloat16")
+    assert half.inference_encoder.head_kernel.dtype == tf.bfloat16
+    waveform = (0.1 * np.random.default_rng(1).normal(size=(2, 32000))).astype(np.float32)
+    lengths = tf.constant([32000, 20000])
+    a, b = full.serving_default(waveform, lengths), half.serving_default(waveform, lengths)
+    assert b["logprobs"].dtype == tf.float32
+    for i, n in enumerate(a["logprob_lengths"].numpy()):
+        x, y = a["logprobs"][i, :n].numpy(), b["logprobs"][i, :n].numpy()
+        # bfloat16 keeps 8 significant bits: errors of a few 1/256 of the scale.
+        assert np.abs(x - y).max() <= 0.05 * np.abs(x).max()
+        assert (x.argmax(-1) == y.argmax(-1)).mean() >= 0.9
+
+
+def test_bfloat16_is_refused_where_it_cannot_run(monkeypatch):
+    import qn_keras.inference as inference
+    from qn_keras.errors import UserInputError
+
+    bundle = ModelBundle(_head_scaled_tiny(7), CharTokenizer(), FeaturizerConfig())
+    monkeypatch.setattr(inference, "bfloat16_supported", lambda: "no AVX512-BF16 here")
+    with pytest.raises(UserInputError, match="bfloat16: no AVX512-BF16 here"):
+        SpeechRecognizer(bundle, precision="bfloat16")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        InferenceEncoder(bundle.model, compute_dtype="float16")

@@ -33,6 +33,14 @@ def register(subparsers):
         help="also write .tflite files: float32, float16 and/or dynamic (dynamic-range int8)",
     )
     parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="encoder arithmetic of the SavedModel: bfloat16 is about 1.5x faster on CPUs with "
+        "AVX512-BF16 or AMX (and refused on others), at a small cost in accuracy "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
         "--no-warmup", action="store_true", help="skip assets.extra/tf_serving_warmup_requests"
     )
     parser.set_defaults(func=run)
@@ -50,6 +58,7 @@ def run(args) -> int:
         args.version,
         warmup=not args.no_warmup,
         tflite_modes=tuple(args.tflite),
+        precision=args.precision,
     )
     print(f"exported {version_dir}")
     print("  signatures: serving_default (waveform), transcribe_wav (WAV bytes)")
