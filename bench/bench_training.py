@@ -35,9 +35,14 @@ def throughput(args) -> dict:
 
     from qn_keras.training import TrainConfig, Trainer
 
+    model = {"preset": args.preset}
+    if args.model_config:
+        import yaml
+
+        model = yaml.safe_load(Path(args.model_config).read_text())["model"]
     config = TrainConfig.from_dict(
         {
-            "model": {"preset": args.preset},
+            "model": model,
             "data": {"batch_size": args.batch_size, "bucket_boundaries": None},
             "training": {
                 "epochs": 1000,
@@ -48,7 +53,8 @@ def throughput(args) -> dict:
             },
         }
     )
-    out = Path(args.out) / f"{args.preset}-b{args.batch_size}-{args.precision}"
+    name = Path(args.model_config).stem if args.model_config else args.preset
+    out = Path(args.out) / f"{name}-b{args.batch_size}-{args.precision}"
     if out.exists():
         import shutil
 
@@ -60,7 +66,7 @@ def throughput(args) -> dict:
     report = result.report
     return {
         "benchmark": "training_throughput",
-        "preset": args.preset,
+        "preset": name,
         "params": report["architecture"]["params"],
         "batch_size": args.batch_size,
         "precision": args.precision,
@@ -114,6 +120,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     t = sub.add_parser("throughput")
     t.add_argument("--preset", default="quartznet_5x5")
+    t.add_argument(
+        "--model-config", help="take the model section of this training YAML instead of --preset"
+    )
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--steps", type=int, default=6, help="steps in all; the first is not timed")
     t.add_argument("--precision", default="float32")
