@@ -120,8 +120,16 @@ class _Conv:
             module._variables.append(self.spread)
 
     def pointwise(self, x):
-        y = tf.nn.conv2d(x, self.kernel, 1, "VALID")
-        return y if self.bias is None else tf.nn.bias_add(y, self.bias)
+        return self.add_bias(tf.nn.conv2d(x, self.kernel, 1, "VALID"))
+
+    def add_bias(self, y):
+        if self.bias is None:
+            return y
+        if self.groups and self.groups > 1:
+            # A plain add: Grappler would fuse BiasAdd into the convolution, and TensorFlow's
+            # own (non-oneDNN) fused convolution has no grouped version.
+            return y + self.bias
+        return tf.nn.bias_add(y, self.bias)
 
 
 class InferenceEncoder(tf.Module):
@@ -276,7 +284,7 @@ class InferenceEncoder(tf.Module):
             )
         else:
             y = tf.nn.conv2d(x, conv.kernel, strides, "VALID", dilations=[1, 1, conv.dilation, 1])
-            y = tf.nn.bias_add(y, conv.bias)
+            y = conv.add_bias(y)
         return y, self._lengths(lengths, kernel_size, conv.stride, conv.dilation, pad)
 
     def _split_depthwise(self, conv: _Conv, x):

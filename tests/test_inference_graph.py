@@ -40,7 +40,8 @@ def test_rewrite_matches_the_numpy_reference_on_a_garbage_padded_batch(name, opt
     config, weights = model.get_config(), _layer_weights(model)
     x = _padded(np.random.default_rng(1), LENGTHS, FRAMES, 123.0)
     encoder = InferenceEncoder(model, **options)
-    got, got_lengths = (t.numpy() for t in encoder(x, np.array(LENGTHS, np.int32)))
+    # As a graph: Grappler's fusions (and their kernels) are what serving runs.
+    got, got_lengths = (t.numpy() for t in tf.function(encoder)(x, np.array(LENGTHS, np.int32)))
     _, keras_lengths = model([x, np.array(LENGTHS, np.int32)], training=False)
     np.testing.assert_array_equal(got_lengths, keras_lengths.numpy())
     references = [ref.quartznet_forward(x[b, :n], config, weights) for b, n in enumerate(LENGTHS)]
