@@ -286,3 +286,34 @@ def _qn_evaluate(model, manifest, results):
         cwd=str(REPO),
         timeout=300,
     )
+
+
+@pytest.mark.parametrize("horizon", ["auto", "steps"])
+def test_a_time_budget_anneals_the_cosine_to_its_floor(corpus, tmp_path, horizon):
+    """With --max-minutes the cosine's horizon follows the budget: the run ends at min_lr,
+    not at its peak (schedule.horizon auto); "steps" keeps the epoch horizon."""
+    config = TrainConfig.from_dict(
+        tiny_config(
+            schedule={"name": "cosine", "warmup_steps": 2, "min_lr": 0.0001, "horizon": horizon},
+            training={"epochs": 50},
+        )
+    )
+    clock = [0.0]
+
+    def steady_clock():  # every reading 0.2 s later: a steady pace of fake time
+        clock[0] += 0.2
+        return clock[0]
+
+    out = tmp_path / horizon
+    result = Trainer(
+        config, out, str(corpus / "train.tfrecord"), progress=False, clock=steady_clock
+    ).fit(max_minutes=0.5)
+    assert result.stopped_reason == "max_minutes"
+    rates = [h["lr"] for h in json.loads((out / "history.json").read_text())["train"]]
+    assert max(rates) == pytest.approx(0.02, rel=0.05)  # warmup reached the peak
+    assert 10 < len(rates) < 300  # the budget, not the 400 steps of 50 epochs, ended the run
+    if horizon == "auto":
+        assert rates[-1] < 0.1 * max(rates)
+        assert all(b <= a + 1e-9 for a, b in zip(rates[3:], rates[4:], strict=False))
+    else:
+        assert rates[-1] > 0.5 * max(rates)

@@ -31,6 +31,7 @@ from qn_keras.errors import UserInputError
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("novograd", "adam")
 SCHEDULES = ("cosine", "constant")
+HORIZONS = ("auto", "steps", "time")
 
 
 class ConfigError(UserInputError):
@@ -116,7 +117,11 @@ class ScheduleConfig:
     """Learning-rate policy: NeMo's CosineAnnealing, or constant.
 
     ``max_steps`` is the cosine's horizon; null means the training length (``training.max_steps``
-    or epochs times the steps per epoch).
+    or epochs times the steps per epoch). ``horizon``: ``time`` anneals over the time budget
+    (``training.max_minutes`` or ``--max-minutes``): the trainer re-estimates the step at which
+    the budget runs out from the pace so far, every ``log_every_steps``, so a run cut by time
+    ends at ``min_lr`` instead of near its peak; ``steps`` keeps the step horizon; ``auto``
+    (default) is ``time`` when there is a time budget and no fixed ``max_steps`` here.
     """
 
     name: str = "cosine"
@@ -124,6 +129,7 @@ class ScheduleConfig:
     warmup_ratio: float | None = None
     min_lr: float = 0.0
     max_steps: int | None = None
+    horizon: str = "auto"
 
     def validate(self):
         if self.name not in SCHEDULES:
@@ -140,6 +146,10 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.min_lr must be >= 0. Received: {self.min_lr}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"schedule.max_steps must be >= 1. Received: {self.max_steps}")
+        if self.horizon not in HORIZONS:
+            raise ConfigError(
+                f"schedule.horizon must be one of {HORIZONS}. Received: {self.horizon!r}"
+            )
 
 
 @dataclasses.dataclass

@@ -38,9 +38,17 @@ def make_optimizer(config: TrainConfig, schedule):
     return optimizer
 
 
-def make_schedule(config: TrainConfig, total_steps: int):
+def time_horizon(config: TrainConfig, max_minutes: float | None) -> bool:
+    """Whether the cosine anneals over the time budget (``schedule.horizon``)."""
+    sched = config.schedule
+    if sched.name != "cosine" or not max_minutes or sched.horizon == "steps":
+        return False
+    return sched.horizon == "time" or sched.max_steps is None
+
+
+def make_schedule(config: TrainConfig, total_steps: int, movable: bool = False):
     """The configured learning-rate schedule over ``total_steps`` (unless the config fixes
-    ``schedule.max_steps``)."""
+    ``schedule.max_steps``); ``movable``: the trainer moves its horizon (a time budget)."""
     sched = config.schedule
     if sched.name == "constant":
         return tf.keras.optimizers.schedules.PiecewiseConstantDecay(
@@ -52,4 +60,5 @@ def make_schedule(config: TrainConfig, total_steps: int):
         warmup_steps=sched.warmup_steps,
         warmup_ratio=sched.warmup_ratio,
         min_lr=sched.min_lr,
+        movable_horizon=movable,
     )

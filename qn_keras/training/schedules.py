@@ -36,7 +36,14 @@ class CosineAnnealing(tf.keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(
-        self, learning_rate, max_steps, warmup_steps=None, warmup_ratio=None, min_lr=0.0, name=None
+        self,
+        learning_rate,
+        max_steps,
+        warmup_steps=None,
+        warmup_ratio=None,
+        min_lr=0.0,
+        name=None,
+        movable_horizon=False,
     ):
         super().__init__()
         if warmup_steps is not None and warmup_ratio is not None:
@@ -58,6 +65,14 @@ class CosineAnnealing(tf.keras.optimizers.schedules.LearningRateSchedule):
         self.warmup_ratio = None if warmup_ratio is None else float(warmup_ratio)
         self.min_lr = float(min_lr)
         self.name = name
+        # A horizon the trainer may move while training (a time budget's step estimate):
+        # read from a variable inside the compiled step, so moving it needs no retrace.
+        self.movable_horizon = bool(movable_horizon)
+        self._horizon = (
+            tf.Variable(float(max_steps), trainable=False, name="lr_horizon")
+            if self.movable_horizon
+            else None
+        )
         if self.resolved_warmup_steps >= self.max_steps:
             raise ValueError(
                 f"Warmup ({self.resolved_warmup_steps} steps) must be shorter than max_steps "
@@ -70,19 +85,29 @@ class CosineAnnealing(tf.keras.optimizers.schedules.LearningRateSchedule):
             return int(self.warmup_ratio * self.max_steps)
         return self.warmup_steps or 0
 
+    def move_horizon(self, max_steps: float) -> float:
+        """Sets the step at which the cosine reaches ``min_lr`` (a movable schedule only);
+        kept past the warmup. Returns the horizon set."""
+        if self._horizon is None:
+            raise ValueError("This schedule's horizon is fixed (movable_horizon=False).")
+        horizon = max(float(max_steps), self.resolved_warmup_steps + 1.0)
+        self._horizon.assign(horizon)
+        self.max_steps = int(round(horizon))
+        return horizon
+
     def __call__(self, step):
         with tf.name_scope(self.name or "CosineAnnealing"):
             step = tf.cast(step, tf.float32)
             base = tf.constant(self.learning_rate, tf.float32)
             floor = tf.constant(self.min_lr, tf.float32)
             warmup = float(self.resolved_warmup_steps)
-            span = float(self.max_steps) - warmup
-            progress = tf.clip_by_value((step - warmup) / span, 0.0, 1.0)
+            horizon = tf.constant(float(self.max_steps)) if self._horizon is None else self._horizon
+            progress = tf.clip_by_value((step - warmup) / (horizon - warmup), 0.0, 1.0)
             cosine = (base - floor) * 0.5 * (1.0 + tf.cos(math.pi * progress)) + floor
             lr = cosine
             if warmup > 0:
                 lr = tf.where(step <= warmup, base * (step + 1.0) / (warmup + 1.0), lr)
-            return tf.where(step > float(self.max_steps), floor, lr)
+            return tf.where(step > horizon, floor, lr)
 
     def get_config(self):
         return {
@@ -92,4 +117,5 @@ class CosineAnnealing(tf.keras.optimizers.schedules.LearningRateSchedule):
             "warmup_ratio": self.warmup_ratio,
             "min_lr": self.min_lr,
             "name": self.name,
+            "movable_horizon": self.movable_horizon,
         }

@@ -64,7 +64,7 @@ from qn_keras.training.distribution import any_worker, make_strategy, worker_rol
 from qn_keras.training.evaluation import evaluate, make_eval_step
 from qn_keras.training.initialization import checkpoint_has, copy_weights
 from qn_keras.training.loop_state import LoopState, validations_without_improvement
-from qn_keras.training.optimizers import make_optimizer, make_schedule
+from qn_keras.training.optimizers import make_optimizer, make_schedule, time_horizon
 from qn_keras.training.report import build_report, plot_curves
 from qn_keras.training.run_files import (
     BEST_DIR,
@@ -250,13 +250,13 @@ class Trainer:
             progress=self.progress and self.is_chief,
         )
 
-    def _build_state(self, total_steps: int):
+    def _build_state(self, total_steps: int, movable_horizon: bool = False):
         config = self.config
         # The same seed gives the same initial weights (and Python/NumPy draws).
         tf.keras.utils.set_random_seed(config.training.seed)
         with self.strategy.scope():
             self.model = self._build_model(initialize=not self._resuming)
-            self.schedule = make_schedule(config, total_steps)
+            self.schedule = make_schedule(config, total_steps, movable=movable_horizon)
             self.optimizer = make_optimizer(config, self.schedule)
             inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
             # Slots exist before restoring or tracing, so the checkpoint restores them eagerly
@@ -354,7 +354,8 @@ class Trainer:
         # The schedule's horizon; epochs end when their data does (bucketing makes the count
         # an estimate), only an explicit max_steps stops mid-epoch.
         total_steps = min(max_steps, epoch_steps) if max_steps else epoch_steps
-        self._build_state(total_steps)
+        by_time = time_horizon(self.config, max_minutes)
+        self._build_state(total_steps, movable_horizon=by_time)
         state, spent_before = self._start_state()
         writer = (
             tf.summary.create_file_writer(str(self.out_dir / "tensorboard"))
@@ -370,6 +371,18 @@ class Trainer:
         def wall_seconds():
             """Training wall time including the runs this one resumes."""
             return spent_before + self._clock() - started
+
+        first_step = state.step
+
+        def move_horizon():
+            """The step at which the time budget runs out at this run's pace so far
+            (validation and checkpoints included), never past the step or epoch bound."""
+            done = state.step - first_step
+            if not by_time or done < 1:
+                return
+            pace = (self._clock() - started) / done
+            left = max(max_minutes * 60 - wall_seconds(), 0.0)
+            self.schedule.move_horizon(min(state.step + left / max(pace, 1e-9), total_steps))
 
         bar = None
         try:
@@ -404,6 +417,7 @@ class Trainer:
                             utt_s=f"{state.utterances_per_second():.1f}",
                         )
                     if state.step % cfg.log_every_steps == 0:
+                        move_horizon()
                         self._log_train(state, epoch, writer)
                     if cfg.validate_every_steps and state.step % cfg.validate_every_steps == 0:
                         self._validate_step(state, epoch, writer)
