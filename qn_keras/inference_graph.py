@@ -108,16 +108,6 @@ class _Conv:
         )
         module._variables.extend(v for v in (self.kernel, self.bias) if v is not None)
         self.stride, self.dilation, self.padding, self.groups = stride, dilation, padding, groups
-        self.spread = None
-        if dilation > 1 and module.max_taps:
-            # The dilated kernel with zeros between its taps (see _split_depthwise).
-            taps = kernel.shape[1]
-            spread = np.zeros((1, dilation * (taps - 1) + 1, *kernel.shape[2:]), kernel.dtype)
-            spread[:, ::dilation] = kernel
-            self.spread = tf.Variable(
-                tf.cast(spread, module.compute_dtype), trainable=False, name=f"{name}_spread"
-            )
-            module._variables.append(self.spread)
 
     def pointwise(self, x):
         return self.add_bias(tf.nn.conv2d(x, self.kernel, 1, "VALID"))
@@ -299,7 +289,16 @@ class InferenceEncoder(tf.Module):
         Piece ``[a, a + k)`` of the ``K`` taps reads ``x[a : len - (K - a - k)]``: the same
         output length as the whole kernel, and slice bounds that are constants relative to
         the ends, so TFLite knows every shape when it allocates (no dynamic tensors)."""
-        kernel = conv.spread if conv.dilation > 1 else conv.kernel
+        kernel = conv.kernel
+        if conv.dilation > 1:
+            # The taps with dilation - 1 zeros after each, the trailing zeros cut: constants
+            # once the converter freezes the variables.
+            d, taps = conv.dilation, int(kernel.shape[1])
+            zeros = tf.zeros([1, taps, d - 1, *kernel.shape[2:]], kernel.dtype)
+            interleaved = tf.concat([kernel[:, :, None], zeros], axis=2)
+            kernel = tf.reshape(interleaved, [1, taps * d, *kernel.shape[2:]])[
+                :, : d * (taps - 1) + 1
+            ]
         kernel_size = int(kernel.shape[1])
         strides = [1, conv.stride, conv.stride, 1]
         pieces = []
