@@ -104,9 +104,11 @@ class WaveformToLogprobs(tf.Module):
         self._runtime = types.SimpleNamespace(
             model=bundle.model, featurizer=featurizer, float_featurizer=front
         )
-        # The current era's last frame is past the audio's end (its length is samples // hop,
-        # its frames 1 + samples // hop): the rewrite is given the valid frames only.
-        self.padded_frames = 1 if bundle.featurizer.era == "current" else 0
+        # Frames past the audio's end (the front end makes 1 + samples // hop frames, of which
+        # num_frames(samples) are valid; the difference is the same for every length): the
+        # encoder is given the valid frames only.
+        cfg = bundle.featurizer
+        self.padded_frames = 2 - cfg.num_frames(cfg.hop_length)  # 1 + hop // hop frames
         if unsupported_reason(bundle.model) is None:
             self.encoder = tflite_encoder(bundle.model)
         else:
@@ -181,8 +183,8 @@ def convert_tflite(bundle, out_dir, modes=MODES) -> dict[str, Path]:
             blob = lite.convert_saved_model(staging, mode)
             written[mode] = files.write_bytes(out_dir / f"{mode}.tflite", blob)
             blob = lite.convert_saved_model(staging, mode, signature="encode")
-            stem = encoder_file(mode)[: -len(".tflite")]
-            written[stem] = files.write_bytes(out_dir / encoder_file(mode), blob)
+            path = out_dir / encoder_file(mode)
+            written[path.stem] = files.write_bytes(path, blob)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
