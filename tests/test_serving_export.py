@@ -230,3 +230,19 @@ def test_versions_are_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match="Unknown TFLite mode"):
         export.export_model(bundle, tmp_path, "qn", tflite_modes=("int4",))
     assert export.existing_versions(tmp_path / "qn") == [4]  # nothing half-written
+
+
+def test_engines_without_litert_fall_back_or_say_what_to_install(monkeypatch):
+    from qn_keras import tflite as lite
+    from qn_keras.errors import UserInputError
+
+    path = su.export_dir() / "tflite" / "float32.tflite"
+    monkeypatch.setattr(lite, "litert_available", lambda: False)
+    assert lite.resolve_engine("auto") == "xnnpack"
+    assert TFLiteRecognizer(path, engine="auto").engine == "xnnpack"
+    with pytest.raises(UserInputError, match=r"pip install 'qn-keras\[litert\]'"):
+        TFLiteRecognizer(path, engine="litert")
+    with pytest.raises(FileNotFoundError, match="encoder_float32.tflite"):
+        TFLiteRecognizer(
+            path, split=True, encoder=path.parent / "missing" / "encoder_float32.tflite"
+        )
