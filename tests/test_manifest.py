@@ -15,6 +15,8 @@ from qn_keras.data import (
     read_utterances,
     tokenize_transcript,
 )
+from qn_keras.data.manifest import utterance_groups
+from qn_keras.errors import UserInputError
 from qn_keras.tokenizer import CharTokenizer
 
 
@@ -82,6 +84,43 @@ def test_librispeech_folder(tmp_path):
     ]
     assert utts[0].audio_filepath == str(chapter / "19-198-0000.flac")
     assert isinstance(items[2], ManifestFailure) and items[2].source.endswith("trans.txt:3")
+
+
+def test_utterance_groups_match_the_readers_ids(tmp_path):
+    manifest = _write(
+        tmp_path / "m.json",
+        [
+            json.dumps({"audio_filepath": "a/one.wav", "text": "x", "source": "espeak/en-us"}),
+            json.dumps({"audio_filepath": "two.wav", "text": "x", "source": "flite/slt"}),
+            json.dumps({"audio_filepath": "long.wav", "text": "x", "offset": 3.25, "duration": 1}),
+            json.dumps({"audio_filepath": "x.wav", "utt_id": "mine", "source": 7, "text": "x"}),
+            '{"audio_filepath": "cut.wav", "text": ',
+            json.dumps({"text": "no path", "source": "s"}),
+        ],
+    )
+    ids = [u.utt_id for u in read_utterances(manifest) if isinstance(u, Utterance)]
+    groups = utterance_groups(manifest, "source")
+    assert sorted(groups) == sorted(ids)  # every readable utterance, keyed as evaluation keys it
+    assert groups == {
+        "one": "espeak/en-us",
+        "two": "flite/slt",
+        "long_00003250": "(none)",
+        "mine": "7",
+    }
+    chapter = tmp_path / "libri" / "19" / "198"
+    chapter.mkdir(parents=True)
+    _write(chapter / "19-198.trans.txt", ["19-198-0000 A", "19-198-0001 B"])
+    assert utterance_groups(tmp_path / "libri", "speaker") == {
+        "19-198-0000": "19",
+        "19-198-0001": "19",
+    }
+    with pytest.raises(UserInputError, match="only be grouped by 'speaker'"):
+        utterance_groups(tmp_path / "libri", "source")
+    (tmp_path / "features").mkdir()
+    with pytest.raises(UserInputError, match="the manifest it was made from"):
+        utterance_groups(tmp_path / "features", "source")
+    with pytest.raises(UserInputError, match="NeMo JSON-lines manifest or a LibriSpeech"):
+        utterance_groups(_write(tmp_path / "m.csv", ["audio,text"]), "source")
 
 
 def test_csv_and_tsv(tmp_path):

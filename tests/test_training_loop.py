@@ -247,6 +247,32 @@ def test_qn_evaluate_writes_worst_first(base_run, tmp_path):
     assert {"reference", "hypothesis", "word_errors", "cer"} <= set(rows[0])
 
 
+def test_qn_evaluate_group_by_scores_each_voice(base_run, tmp_path):
+    out, _, _ = base_run
+    entries = _sample_entries(6)
+    assert len({e["speaker"] for e in entries}) > 1
+    manifest = tmp_path / "dev6.json"
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    results = tmp_path / "results.jsonl"
+    proc = _qn_evaluate(out / "model", manifest, results, "--group-by", "speaker")
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    speaker_of = {_utt_id(e): e["speaker"] for e in entries}
+    assert {r["utt_id"]: r["speaker"] for r in rows} == speaker_of
+    for speaker in set(speaker_of.values()):
+        mine = [r for r in rows if r["speaker"] == speaker]
+        wer = sum(r["word_errors"] for r in mine) / sum(r["words"] for r in mine)
+        cer = sum(r["char_errors"] for r in mine) / sum(r["chars"] for r in mine)
+        line = next(x for x in proc.stdout.splitlines() if x.startswith(speaker + " "))
+        assert line.split()[1:] == [str(len(mine)), f"{wer:.2%}", f"{cer:.2%}"]
+    bad = _qn_evaluate(out / "model", tmp_path, results, "--group-by", "speaker")
+    assert bad.returncode != 0 and "no *.trans.txt" in bad.stderr
+
+
+def _utt_id(entry):
+    return entry["audio_filepath"].rsplit("/", 1)[-1].split(".")[0]
+
+
 def test_qn_evaluate_reports_unusable_utterances_instead_of_scoring_them(base_run, tmp_path):
     import soundfile as sf
 
@@ -277,10 +303,10 @@ def _sample_entries(count):
     return entries
 
 
-def _qn_evaluate(model, manifest, results):
+def _qn_evaluate(model, manifest, results, *extra):
     return subprocess.run(
         [sys.executable, "-m", "qn_cli", "evaluate", "--model", str(model)]
-        + ["--manifest", str(manifest), "--output", str(results), "--no-progress"],
+        + ["--manifest", str(manifest), "--output", str(results), "--no-progress", *extra],
         capture_output=True,
         text=True,
         cwd=str(REPO),

@@ -128,6 +128,11 @@ def make_utt_id(audio_path: str, offset: float = 0.0) -> str:
     return stem
 
 
+def nemo_utt_id(record: dict, audio: str, offset: float) -> str:
+    """A NeMo manifest line's utterance id: its own ``utt_id``/``id``, else the file's stem."""
+    return str(record.get("utt_id") or record.get("id") or make_utt_id(audio, offset))
+
+
 def _optional_seconds(record: dict, key: str) -> float | None:
     value = record.get(key)
     if value is None:
@@ -164,9 +169,9 @@ def parse_nemo_lines(
         except ValueError as e:  # json.JSONDecodeError is a ValueError too
             yield ManifestFailure(source, f"Bad manifest line {source}: {e}")
             continue
-        utt_id = record.get("utt_id") or record.get("id") or make_utt_id(audio, offset)
+        utt_id = nemo_utt_id(record, audio, offset)
         yield Utterance(
-            utt_id=str(utt_id),
+            utt_id=utt_id,
             audio_filepath=resolve_audio_path(audio, manifest_path),
             text=text,
             duration=duration,
@@ -340,3 +345,49 @@ def load_utterances(paths) -> list[Utterance]:
                 raise UserInputError(item.message)
             utterances.append(item)
     return utterances
+
+
+def utterance_groups(path, field: str) -> dict[str, str]:
+    """``{utt_id: group}`` for a per-group breakdown (``qn evaluate --group-by``).
+
+    NeMo JSON manifests group by any field of their lines (``source``, ``speaker``, ...;
+    lines without it fall in ``"(none)"``); LibriSpeech folders by ``speaker``, the id's first
+    part. Other manifests, and other fields of LibriSpeech folders, raise ``UserInputError``.
+    """
+    path = str(path)
+    kind = manifest_kind(path)
+    groups = {}
+    if kind == "librispeech":
+        if not librispeech_transcripts(path):
+            raise UserInputError(
+                f"{path} has no *.trans.txt files (a `qn features` folder keeps no speaker or "
+                "voice fields): group the manifest it was made from"
+            )
+        if field != "speaker":
+            raise UserInputError(
+                f"A LibriSpeech folder can only be grouped by 'speaker', not {field!r}"
+            )
+        for item in read_utterances(path):
+            if isinstance(item, Utterance):
+                groups[item.utt_id] = item.utt_id.split("-", 1)[0]
+        return groups
+    if kind != "nemo":
+        raise UserInputError(
+            f"--group-by needs a NeMo JSON-lines manifest or a LibriSpeech folder, not {path}"
+        )
+    for line in _open_lines(path):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue  # the reader reports bad lines; they have no utterance to group
+        if not isinstance(record, dict) or not isinstance(record.get("audio_filepath"), str):
+            continue
+        try:
+            offset = _optional_seconds(record, "offset") or 0.0
+        except UserInputError:
+            continue
+        value = record.get(field)
+        groups[nemo_utt_id(record, record["audio_filepath"], offset)] = (
+            "(none)" if value is None else str(value)
+        )
+    return groups
