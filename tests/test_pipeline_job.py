@@ -156,3 +156,44 @@ def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
         run_job(FeatureJobConfig([manifest], str(out)), BEAM_ARGS)
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == sorted(["m.json", *[os.path.basename(p) for p in paths]])
+
+
+def test_parts_featurized_apart_train_as_one_corpus(tmp_path):
+    """`qn train --train A --train B`: feature folders made separately (and a manifest the
+    trainer featurizes itself) read as one corpus; counts and histograms add up."""
+    from qn_keras.streaming.prior import training_prior
+    from qn_keras.training.data import open_data
+
+    tok, config = CharTokenizer(), FeaturizerConfig()
+    part_a = sample_data_subset(tmp_path, 5, split="train")
+    part_b = sample_data_subset(tmp_path, 3, split="dev")
+    run_job(FeatureJobConfig([part_a], str(tmp_path / "a"), shards=2), BEAM_ARGS)
+    run_job(FeatureJobConfig([part_b], str(tmp_path / "b"), shards=1), BEAM_ARGS)
+    extra = tmp_path / "c"
+    extra.mkdir()
+    part_c = sample_data_subset(extra, 2, split="dev")  # featurized by the trainer's cache
+    parts = [tmp_path / "a", tmp_path / "b", part_c]
+    whole = open_data(parts, tok, config, tmp_path / "cache")
+    infos = [read_dataset_info(tmp_path / n) for n in "ab"]
+    assert whole.num_utterances == 5 + 3 + 2 and len(whole.path) == 2 + 1 + 1
+    assert whole.hours > sum(i["hours"] for i in infos)
+    counts = whole.length_histogram["counts"]
+    assert sum(counts) == 10
+    assert all(c >= 0 for c in counts) and whole.featurizer == config.to_dict()
+    ids = set()
+    for *_, meta in whole.dataset(4, training=True, with_metadata=True):
+        ids |= {u.decode() for u in meta["utt_id"].numpy()}
+    expected = {u.utt_id for m in (part_a, part_b, part_c) for u in load_utterances(m)}
+    assert ids == expected
+    prior = training_prior([tmp_path / "a", tmp_path / "b"], _plain_featurizer(), limit=4)
+    assert prior.utterances == 4
+
+    run_job(FeatureJobConfig([part_b], str(tmp_path / "gz"), compression="gzip"), BEAM_ARGS)
+    with pytest.raises(ValueError, match="mixes gzip-compressed and uncompressed"):
+        open_data([tmp_path / "a", tmp_path / "gz"], tok, config, tmp_path / "cache")
+
+
+def _plain_featurizer():
+    from qn_keras.featurizer import LogMelSpectrogram
+
+    return LogMelSpectrogram()

@@ -3,7 +3,8 @@
     qn train --config configs/quartznet_5x5.yaml --train feats/train --val feats/dev --out runs/x
 
 DATA is a `qn features` output folder (or TFRecord files) or a manifest (.json/.csv/.tsv,
-featurized once into DIR/cache). Started again with the same command, a killed run resumes
+featurized once into DIR/cache). --train may be given several times (corpora featurized
+separately, or one corpus in parts): the parts are read as one shuffled corpus. Started again with the same command, a killed run resumes
 from its last checkpoint in DIR. Several GPUs are used together (MirroredStrategy); with
 TF_CONFIG naming several workers, MultiWorkerMirroredStrategy.
 """
@@ -23,7 +24,13 @@ def register(subparsers):
     parser.add_argument(
         "--config", required=True, help="YAML recipe, e.g. configs/quartznet_5x5.yaml"
     )
-    parser.add_argument("--train", required=True, metavar="DATA", help="training data")
+    parser.add_argument(
+        "--train",
+        required=True,
+        action="append",
+        metavar="DATA",
+        help="training data: a `qn features` folder or a manifest (repeatable: read as one corpus)",
+    )
     parser.add_argument("--val", metavar="DATA", help="validation data (WER/CER each epoch)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
@@ -49,7 +56,7 @@ def run(args) -> int:
     trainer = Trainer(
         config,
         args.out,
-        args.train,
+        args.train[0] if len(args.train) == 1 else args.train,
         args.val,
         init_from=args.init,
         progress=not args.no_progress,

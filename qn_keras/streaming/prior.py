@@ -4,6 +4,7 @@ from files, folders and manifests a user names (``qn model prior``)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -92,15 +93,29 @@ def record_sources(files: Sequence[str], compression: str | None, limit: int) ->
     return list(out)[:limit]
 
 
-def training_prior(data_path, featurizer, limit: int = DEFAULT_FILES) -> FeaturePrior:
-    """The prior of a training set: a ``qn features`` folder or TFRecord file(s) (through
-    their records' source audio), or a manifest."""
+def _is_part(path) -> bool:
+    return Path(path).is_dir() or Path(path).suffix.lower() in MANIFEST_EXTENSIONS
+
+
+def _source_audio(data_path, limit: int) -> list:
+    """Audio files behind a manifest, a ``qn features`` folder or TFRecord file(s)."""
     from qn_keras.data import reader
 
     if isinstance(data_path, str | Path) and Path(data_path).suffix.lower() in MANIFEST_EXTENSIONS:
-        return prior_from_audio(audio_paths([data_path])[: limit * 2], featurizer, limit)
+        return audio_paths([data_path])[: limit * 2]
     files, compression, _ = reader._shard_files(data_path)
-    sources = record_sources(files, compression, limit)
+    return record_sources(files, compression, limit)
+
+
+def training_prior(data_path, featurizer, limit: int = DEFAULT_FILES) -> FeaturePrior:
+    """The prior of a training set: a ``qn features`` folder or TFRecord file(s) (through
+    their records' source audio), or a manifest."""
+    if isinstance(data_path, list | tuple) and any(_is_part(p) for p in data_path):
+        # Several corpora (qn train --train A --train B): files from each in turn.
+        per_part = [_source_audio(p, limit) for p in data_path]
+        sources = [s for group in itertools.zip_longest(*per_part) for s in group if s]
+    else:
+        sources = _source_audio(data_path, limit)
     if not sources:
         raise UserInputError("The training records name no source audio to estimate a prior.")
     return prior_from_audio(sources, featurizer, limit)

@@ -276,7 +276,15 @@ def open_data(
     progress: bool = False,
 ) -> DataSource:
     """A ``qn features`` folder, TFRecord file(s) or a manifest, checked against the model's
-    vocabulary and front end."""
+    vocabulary and front end; a list of such folders and manifests is read as one corpus."""
+    if isinstance(path, list | tuple) and any(_is_corpus(p) for p in path):
+        parts = [
+            open_data(
+                p, tokenizer, featurizer, cache_dir, max_duration=max_duration, progress=progress
+            )
+            for p in path
+        ]
+        return combine_sources(parts) if len(parts) > 1 else parts[0]
     if isinstance(path, str | os.PathLike) and is_manifest(path):
         source = featurize_manifest(
             path, tokenizer, featurizer, cache_dir, max_duration=max_duration, progress=progress
@@ -290,6 +298,45 @@ def open_data(
         source = from_tfrecords(path)
     source.check_compatible(tokenizer, featurizer)
     return source
+
+
+def _is_corpus(path) -> bool:
+    """A folder or manifest (one part of a multi-part corpus), not one of a shard list."""
+    return is_manifest(path) or Path(path).is_dir()
+
+
+def combine_sources(parts: list[DataSource]) -> DataSource:
+    """Several sources (each already checked against the model) as one: their shards read as
+    one shuffled corpus, counts and length histograms added up. How ``qn train --train A
+    --train B`` trains on feature folders made separately (by corpus, or in parts small enough
+    for one machine's memory)."""
+    files, compressions = [], set()
+    for part in parts:
+        shard_files, compression, _ = reader._shard_files(part.path)
+        files += shard_files
+        compressions.add(compression)
+    if len(compressions) > 1:
+        raise UserInputError(
+            "The training data mixes gzip-compressed and uncompressed TFRecords "
+            f"({', '.join(p.description for p in parts)}); featurize them with one "
+            "--compression setting."
+        )
+    histograms = [p.length_histogram for p in parts]
+    histogram = None
+    if all(histograms) and len({h["bin_width"] for h in histograms}) == 1:
+        width = max(len(h["counts"]) for h in histograms)
+        counts = [sum(h["counts"][i] for h in histograms if i < len(h["counts"])) for i in
+                  range(width)]  # fmt: skip
+        histogram = {**histograms[0], "counts": counts}
+    return DataSource(
+        path=files,
+        num_utterances=sum(p.num_utterances for p in parts),
+        hours=sum(p.hours for p in parts),
+        description=" + ".join(p.description for p in parts),
+        featurizer=next((p.featurizer for p in parts if p.featurizer is not None), None),
+        labels=next((p.labels for p in parts if p.labels is not None), None),
+        length_histogram=histogram,
+    )
 
 
 def steps_per_epoch(num_utterances: int, global_batch_size: int) -> int:
