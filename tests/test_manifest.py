@@ -95,7 +95,11 @@ def test_utterance_groups_match_the_readers_ids(tmp_path):
             json.dumps({"audio_filepath": "long.wav", "text": "x", "offset": 3.25, "duration": 1}),
             json.dumps({"audio_filepath": "x.wav", "utt_id": "mine", "source": 7, "text": "x"}),
             '{"audio_filepath": "cut.wav", "text": ',
+            "",
             json.dumps({"text": "no path", "source": "s"}),
+            # lines the reader rejects, whose ids would clash with good lines
+            json.dumps({"audio_filepath": "b/one.wav", "text": 3, "source": "other"}),
+            json.dumps({"audio_filepath": "two.wav", "duration": -1, "source": "other"}),
         ],
     )
     ids = [u.utt_id for u in read_utterances(manifest) if isinstance(u, Utterance)]
@@ -107,6 +111,15 @@ def test_utterance_groups_match_the_readers_ids(tmp_path):
         "long_00003250": "(none)",
         "mine": "7",
     }
+    clash = _write(
+        tmp_path / "clash.json",
+        [
+            json.dumps({"audio_filepath": "voice_a/001.wav", "text": "x", "source": "a"}),
+            json.dumps({"audio_filepath": "voice_b/001.wav", "text": "x", "source": "b"}),
+        ],
+    )
+    with pytest.raises(UserInputError, match=r"clash\.json:2: utterance id '001'.*utt_id"):
+        utterance_groups(clash, "source")
     chapter = tmp_path / "libri" / "19" / "198"
     chapter.mkdir(parents=True)
     _write(chapter / "19-198.trans.txt", ["19-198-0000 A", "19-198-0001 B"])

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from pipeline_utils import (
+    SAMPLE_DATA,
     bad_inputs,
     sample_data_subset,
     tone,
@@ -158,37 +159,68 @@ def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted(["m.json", *[os.path.basename(p) for p in paths]])
 
 
-def test_parts_featurized_apart_train_as_one_corpus(tmp_path):
+def test_parts_featurized_apart_train_as_one_corpus(tmp_path, monkeypatch):
     """`qn train --train A --train B`: feature folders made separately (and a manifest the
     trainer featurizes itself) read as one corpus; counts and histograms add up."""
+    import collections
+
+    import qn_keras.streaming.prior as prior_module
+    from qn_keras.data import reader
+    from qn_keras.data.dataset_info import length_histogram
     from qn_keras.streaming.prior import training_prior
     from qn_keras.training.data import open_data
 
     tok, config = CharTokenizer(), FeaturizerConfig()
-    part_a = sample_data_subset(tmp_path, 5, split="train")
-    part_b = sample_data_subset(tmp_path, 3, split="dev")
-    run_job(FeatureJobConfig([part_a], str(tmp_path / "a"), shards=2), BEAM_ARGS)
-    run_job(FeatureJobConfig([part_b], str(tmp_path / "b"), shards=1), BEAM_ARGS)
-    extra = tmp_path / "c"
-    extra.mkdir()
-    part_c = sample_data_subset(extra, 2, split="dev")  # featurized by the trainer's cache
-    parts = [tmp_path / "a", tmp_path / "b", part_c]
-    whole = open_data(parts, tok, config, tmp_path / "cache")
-    infos = [read_dataset_info(tmp_path / n) for n in "ab"]
-    assert whole.num_utterances == 5 + 3 + 2 and len(whole.path) == 2 + 1 + 1
-    assert whole.hours > sum(i["hours"] for i in infos)
-    counts = whole.length_histogram["counts"]
-    assert sum(counts) == 10
-    assert all(c >= 0 for c in counts) and whole.featurizer == config.to_dict()
-    ids = set()
-    for *_, meta in whole.dataset(4, training=True, with_metadata=True):
-        ids |= {u.decode() for u in meta["utt_id"].numpy()}
-    expected = {u.utt_id for m in (part_a, part_b, part_c) for u in load_utterances(m)}
-    assert ids == expected
+    lines = (SAMPLE_DATA / "train.json").read_text().splitlines()
+    parts = []
+    for name, chunk in (("a", lines[0:5]), ("b", lines[5:8]), ("c", lines[8:10])):
+        records = [json.loads(line) for line in chunk]
+        for r in records:
+            r["audio_filepath"] = str(SAMPLE_DATA / r["audio_filepath"])
+        parts.append(write_manifest(tmp_path / f"{name}.json", records))
+    # a: 5 utterances in 8 shards (some empty); b: 3 in 1; c: a manifest
+    run_job(FeatureJobConfig([parts[0]], str(tmp_path / "a"), shards=8), BEAM_ARGS)
+    run_job(FeatureJobConfig([parts[1]], str(tmp_path / "b"), shards=1), BEAM_ARGS)
+    whole = open_data([tmp_path / "a", tmp_path / "b", parts[2]], tok, config, tmp_path / "cache")
+
+    utterances = [u for m in parts for u in load_utterances(m)]
+    frames = {u.utt_id: len(featurize(decode_audio(u.audio_filepath), config)) for u in utterances}
+    seconds = sum(decode_audio(u.audio_filepath).size / 16000 for u in utterances)
+    assert whole.num_utterances == 10 and len(whole.path) == 8 + 1 + 1
+    assert whole.hours == pytest.approx(seconds / 3600, rel=1e-6)
+    assert whole.length_histogram == length_histogram(list(frames.values()))
+    assert whole.featurizer == config.to_dict() and whole.labels == list(tok.labels)
+    seen = collections.Counter()
+    for (_, lengths), _, meta in whole.dataset(4, training=True, with_metadata=True):
+        for utt_id, n in zip(meta["utt_id"].numpy(), lengths.numpy(), strict=True):
+            seen[utt_id.decode()] += 1
+            assert n == frames[utt_id.decode()]
+    assert seen == collections.Counter(list(frames))  # each utterance of each part once
+    # A list of files without dataset info takes the feature width from the first record,
+    # which an empty first shard does not hold.
+    empty = tmp_path / "empty.tfrecord"
+    empty.write_bytes(b"")
+    spec = reader.tfrecord_dataset([str(empty), *whole.path], 4).element_spec
+    assert spec[0][0].shape.as_list() == [None, None, config.num_mels]
+
+    prior_sources = []
+    real = prior_module.prior_from_audio
+
+    def recording(paths, *args, **kwargs):
+        prior_sources.extend(paths := list(paths))
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(prior_module, "prior_from_audio", recording)
     prior = training_prior([tmp_path / "a", tmp_path / "b"], _plain_featurizer(), limit=4)
+    by_part = {
+        u.audio_filepath: name
+        for name, m in zip("abc", parts, strict=True)
+        for u in load_utterances(m)
+    }
+    assert {by_part[str(s)] for s in prior_sources} == {"a", "b"}  # both parts, in turn
     assert prior.utterances == 4
 
-    run_job(FeatureJobConfig([part_b], str(tmp_path / "gz"), compression="gzip"), BEAM_ARGS)
+    run_job(FeatureJobConfig([parts[1]], str(tmp_path / "gz"), compression="gzip"), BEAM_ARGS)
     with pytest.raises(ValueError, match="mixes gzip-compressed and uncompressed"):
         open_data([tmp_path / "a", tmp_path / "gz"], tok, config, tmp_path / "cache")
 

@@ -267,6 +267,8 @@ def test_qn_evaluate_group_by_scores_each_voice(base_run, tmp_path):
         assert line.split()[1:] == [str(len(mine)), f"{wer:.2%}", f"{cer:.2%}"]
     bad = _qn_evaluate(out / "model", tmp_path, results, "--group-by", "speaker")
     assert bad.returncode != 0 and "no *.trans.txt" in bad.stderr
+    clash = _qn_evaluate(out / "model", manifest, results, "--group-by", "words")
+    assert clash.returncode != 0 and "would overwrite that field" in clash.stderr
 
 
 def _utt_id(entry):

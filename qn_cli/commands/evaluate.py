@@ -17,6 +17,12 @@ import argparse
 
 from qn_cli import lm_options
 
+# What each per-utterance result line holds; --group-by adds one more field.
+RESULT_FIELDS = {
+    "utt_id", "reference", "hypothesis", "word_errors", "words", "wer", "char_errors", "chars",
+    "cer", "loss", "error",
+}  # fmt: skip
+
 
 def register(subparsers):
     parser = subparsers.add_parser(
@@ -61,6 +67,11 @@ def run(args) -> int:
     if not Path(args.manifest).exists():
         raise UserError(f"--manifest not found: {args.manifest}")
     groups = None
+    if args.group_by in RESULT_FIELDS:
+        raise UserError(
+            f"--group-by {args.group_by} would overwrite that field of the per-utterance "
+            f"results ({', '.join(sorted(RESULT_FIELDS))}); name another manifest field"
+        )
     if args.group_by:
         from qn_keras.data.manifest import utterance_groups
 

@@ -375,19 +375,19 @@ def utterance_groups(path, field: str) -> dict[str, str]:
         raise UserInputError(
             f"--group-by needs a NeMo JSON-lines manifest or a LibriSpeech folder, not {path}"
         )
-    for line in _open_lines(path):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except ValueError:
-            continue  # the reader reports bad lines; they have no utterance to group
-        if not isinstance(record, dict) or not isinstance(record.get("audio_filepath"), str):
+    lines = list(_open_lines(path))
+    # The reader's own parse decides which lines are utterances and their ids; it yields one
+    # item (utterance or failure) per non-empty line, so the two lists pair up.
+    filled = [line for line in lines if line.strip()]
+    for line, item in zip(filled, parse_nemo_lines(lines, path), strict=True):
+        if not isinstance(item, Utterance):
             continue
-        try:
-            offset = _optional_seconds(record, "offset") or 0.0
-        except UserInputError:
-            continue
-        value = record.get(field)
-        groups[nemo_utt_id(record, record["audio_filepath"], offset)] = (
-            "(none)" if value is None else str(value)
-        )
+        value = json.loads(line).get(field)
+        value = "(none)" if value is None else str(value)
+        if groups.setdefault(item.utt_id, value) != value:
+            raise UserInputError(
+                f"{item.source}: utterance id {item.utt_id!r} also names an earlier line with "
+                f"another {field} ({groups[item.utt_id]!r} vs {value!r}); give the lines "
+                "unique 'utt_id' fields (ids come from file names, which repeat across folders)"
+            )
     return groups

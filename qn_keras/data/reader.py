@@ -67,12 +67,14 @@ def _shard_files(path_or_dir) -> tuple[list[str], str | None, dict | None]:
     return files, (compression.upper() if compression else None), info
 
 
-def _num_mels(first_file: str, compression: str | None, info: dict | None) -> int | None:
-    """Feature width, from the dataset info or else the first record."""
+def _num_mels(files: list[str], compression: str | None, info: dict | None) -> int | None:
+    """Feature width, from the dataset info or else the first record (a fixed-shard job with
+    more shards than utterances writes empty shards, so the first file may hold none)."""
     if info and "featurizer" in info:
         return int(info["featurizer"]["num_mels"])
-    for record in tf.data.TFRecordDataset(first_file, compression_type=compression or "").take(1):
-        return schema.parse_example_numpy(record.numpy())[schema.FEATURES].shape[1]
+    for path in files:
+        for record in tf.data.TFRecordDataset(path, compression_type=compression or "").take(1):
+            return schema.parse_example_numpy(record.numpy())[schema.FEATURES].shape[1]
     return None
 
 
@@ -231,7 +233,7 @@ def tfrecord_dataset(
     """
     _check_policy(bad_records, with_metadata)
     files, compression, info = _shard_files(path_or_dir)
-    num_mels = _num_mels(files[0], compression, info)
+    num_mels = _num_mels(files, compression, info)
     if deterministic and seed is None:
         seed = 0
     if isinstance(bucket_boundaries, str):

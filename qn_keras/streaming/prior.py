@@ -93,10 +93,6 @@ def record_sources(files: Sequence[str], compression: str | None, limit: int) ->
     return list(out)[:limit]
 
 
-def _is_part(path) -> bool:
-    return Path(path).is_dir() or Path(path).suffix.lower() in MANIFEST_EXTENSIONS
-
-
 def _source_audio(data_path, limit: int) -> list:
     """Audio files behind a manifest, a ``qn features`` folder or TFRecord file(s)."""
     from qn_keras.data import reader
@@ -110,9 +106,10 @@ def _source_audio(data_path, limit: int) -> list:
 def training_prior(data_path, featurizer, limit: int = DEFAULT_FILES) -> FeaturePrior:
     """The prior of a training set: a ``qn features`` folder or TFRecord file(s) (through
     their records' source audio), or a manifest."""
-    if isinstance(data_path, list | tuple) and any(_is_part(p) for p in data_path):
-        # Several corpora (qn train --train A --train B): files from each in turn.
-        per_part = [_source_audio(p, limit) for p in data_path]
+    if isinstance(data_path, list | tuple):
+        # Several parts (qn train --train A --train B, or shard files): files from each in turn.
+        share = max(1, -(-2 * limit // max(len(data_path), 1)))  # slack for unreadable files
+        per_part = [_source_audio(p, share) for p in data_path]
         sources = [s for group in itertools.zip_longest(*per_part) for s in group if s]
     else:
         sources = _source_audio(data_path, limit)

@@ -277,14 +277,18 @@ def open_data(
 ) -> DataSource:
     """A ``qn features`` folder, TFRecord file(s) or a manifest, checked against the model's
     vocabulary and front end; a list of such folders and manifests is read as one corpus."""
-    if isinstance(path, list | tuple) and any(_is_corpus(p) for p in path):
+    if isinstance(path, list | tuple) and len(path) != 1:
+        if not path:
+            raise UserInputError("No training data given.")
         parts = [
             open_data(
                 p, tokenizer, featurizer, cache_dir, max_duration=max_duration, progress=progress
             )
             for p in path
         ]
-        return combine_sources(parts) if len(parts) > 1 else parts[0]
+        return combine_sources(parts)
+    if isinstance(path, list | tuple):
+        path = path[0]
     if isinstance(path, str | os.PathLike) and is_manifest(path):
         source = featurize_manifest(
             path, tokenizer, featurizer, cache_dir, max_duration=max_duration, progress=progress
@@ -300,11 +304,6 @@ def open_data(
     return source
 
 
-def _is_corpus(path) -> bool:
-    """A folder or manifest (one part of a multi-part corpus), not one of a shard list."""
-    return is_manifest(path) or Path(path).is_dir()
-
-
 def combine_sources(parts: list[DataSource]) -> DataSource:
     """Several sources (each already checked against the model) as one: their shards read as
     one shuffled corpus, counts and length histograms added up. How ``qn train --train A
@@ -318,8 +317,9 @@ def combine_sources(parts: list[DataSource]) -> DataSource:
     if len(compressions) > 1:
         raise UserInputError(
             "The training data mixes gzip-compressed and uncompressed TFRecords "
-            f"({', '.join(p.description for p in parts)}); featurize them with one "
-            "--compression setting."
+            f"({', '.join(p.description for p in parts)}), which are read as one stream: "
+            "make every part with the same `qn features --compression` (manifests the trainer "
+            "featurizes itself are uncompressed, so pass those through `qn features` too)."
         )
     histograms = [p.length_histogram for p in parts]
     histogram = None
