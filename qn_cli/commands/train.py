@@ -4,9 +4,10 @@
 
 DATA is a `qn features` output folder (or TFRecord files) or a manifest (.json/.csv/.tsv,
 featurized once into DIR/cache). --train may be given several times (corpora featurized
-separately, or one corpus in parts): the parts are read as one shuffled corpus. Started again with the same command, a killed run resumes
-from its last checkpoint in DIR. Several GPUs are used together (MirroredStrategy); with
-TF_CONFIG naming several workers, MultiWorkerMirroredStrategy.
+separately, or one corpus in parts): the parts are read as one shuffled corpus. Started again
+with the same command, a killed run resumes from its last checkpoint in DIR. Several GPUs are
+used together (MirroredStrategy); with TF_CONFIG naming several workers,
+MultiWorkerMirroredStrategy.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def run(args) -> int:
     trainer = Trainer(
         config,
         args.out,
-        args.train[0] if len(args.train) == 1 else args.train,
+        args.train,  # a list; one entry is read as that one source
         args.val,
         init_from=args.init,
         progress=not args.no_progress,

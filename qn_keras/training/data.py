@@ -277,17 +277,13 @@ def open_data(
 ) -> DataSource:
     """A ``qn features`` folder, TFRecord file(s) or a manifest, checked against the model's
     vocabulary and front end; a list of such folders and manifests is read as one corpus."""
-    if isinstance(path, list | tuple) and len(path) != 1:
+    if isinstance(path, list | tuple):
         if not path:
             raise UserInputError("No training data given.")
-        parts = [
-            open_data(
-                p, tokenizer, featurizer, cache_dir, max_duration=max_duration, progress=progress
-            )
-            for p in path
-        ]
-        return combine_sources(parts)
-    if isinstance(path, list | tuple):
+        if len(path) > 1:
+            options = {"max_duration": max_duration, "progress": progress}
+            parts = [open_data(p, tokenizer, featurizer, cache_dir, **options) for p in path]
+            return combine_sources(parts)
         path = path[0]
     if isinstance(path, str | os.PathLike) and is_manifest(path):
         source = featurize_manifest(
